@@ -1,0 +1,1 @@
+"""The asyncfgd-app command line."""

@@ -1,0 +1,15 @@
+"""The `asyncfgd-app` command line (typer)."""
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Forward-gradient (AsyncFGD) training without backpropagation.")
+
+
+@app.command()
+def version() -> None:
+    """Print the package version."""
+    from importlib.metadata import version as v
+    typer.echo(v("asyncfgd"))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,97 @@
+"""Model → artifact directory: manifest.json, one ONNX file per (module, role), weights.npz.
+
+The directory layout and manifest are the contract with the device (docs/artifacts.md); the
+runtime reads nothing else.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .graphs import GraphSpec, build_onnx, module_roles, stat_names, weight_names
+from .ops import OPSET
+from .program import trace
+from .split import ModuleSpec, split_program
+
+FORMAT = "asyncfgd-artifacts"
+FORMAT_VERSION = 1
+BN_MODES = ("train", "frozen")
+
+
+def _layer_of(qualified: str) -> str:
+    return qualified.rsplit(".", 1)[0]
+
+
+def export_model(model: Any, out_dir: str | Path, input_shape: tuple[int, int, int], num_classes: int,
+                 modules: int | None = None, split_at: list[str] | None = None, bn_mode: str = "train",
+                 tangents: int = 1, model_spec: dict[str, Any] | None = None,
+                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Trace, split and export ``model``; returns the manifest written to ``out_dir``.
+
+    ``model_spec`` ({"name", "config"}) lets tools rebuild a zoo model; user models get
+    ``{"name": "custom"}`` and are still fully described by the stored programs.
+    """
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+    if tangents < 1:
+        raise ValueError("tangents must be >= 1")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    program = trace(model, tuple(input_shape))
+    specs = split_program(program, modules=modules, at=split_at)
+    state = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in model.state_dict().items()
+             if not k.endswith("num_batches_tracked")}
+    shapes = {k: list(v.shape) for k, v in state.items()}
+    out_shapes = {n.name: n.shape for n in program}
+    manifest_modules = []
+    for mod in specs:
+        is_last = mod.index == len(specs) - 1
+        in_shape = list(input_shape) if mod.index == 0 else out_shapes[mod.input]
+        graphs = {}
+        for role in module_roles(mod.index):
+            if progress:
+                progress(f"module {mod.index} {role}")
+            model_proto = build_onnx(mod, GraphSpec(role, tangents, bn_mode), is_last, in_shape, num_classes, shapes)
+            fname = f"module{mod.index}.{role}.onnx"
+            data = model_proto.SerializeToString()
+            (out / fname).write_bytes(data)
+            graphs[role] = {"file": fname, "sha256": hashlib.sha256(data).hexdigest(),
+                            "inputs": [i.name for i in model_proto.graph.input],
+                            "outputs": [o.name for o in model_proto.graph.output]}
+        manifest_modules.append(_module_entry(mod, is_last, in_shape, out_shapes[mod.output], shapes, graphs))
+    np.savez(out / "weights.npz", **state)
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "opset": OPSET,
+        "model": {**(model_spec or {"name": "custom", "config": {}}), "num_classes": int(num_classes),
+                  "input_shape": [int(d) for d in input_shape]},
+        "bn_mode": bn_mode, "tangents": int(tangents), "weights_file": "weights.npz",
+        "modules": manifest_modules,
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _module_entry(mod: ModuleSpec, is_last: bool, in_shape: list[int], out_shape: list[int],
+                  shapes: dict[str, list[int]], graphs: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "index": mod.index, "is_last": is_last, "input": mod.input, "output": mod.output,
+        "in_shape": in_shape, "out_shape": out_shape, "cost_flops": mod.cost,
+        "layers": [n.name for n in mod.nodes],
+        "params": [{"name": q, "shape": shapes[q], "dtype": "float32", "layer": _layer_of(q)}
+                   for q in weight_names(mod.nodes)],
+        "buffers": [{"name": q, "shape": shapes[q], "dtype": "float32", "layer": _layer_of(q)}
+                    for q in stat_names(mod.nodes)],
+        "graphs": graphs,
+        "program": [n.to_dict() for n in mod.nodes],
+    }
+
+
+def module_specs(manifest: dict[str, Any]) -> list[ModuleSpec]:
+    """Rebuild the split programs from a manifest (for the torch backend and validation)."""
+    from .program import Node
+
+    return [ModuleSpec(m["index"], [Node.from_dict(n) for n in m["program"]], m["input"]) for m in manifest["modules"]]

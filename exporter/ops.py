@@ -1,0 +1,374 @@
+"""The tensor-op vocabulary the dual rules are written in, with two implementations.
+
+Every dual rule (rules.py) is written once against this small vocabulary. ``TorchOps`` runs
+it eagerly (the torch backend, the reference's "same dual functions" mode, validation), and
+``OnnxOps`` records the same calls as ONNX nodes. Emitting ONNX ourselves, instead of tracing
+torch, is what keeps the graphs correct and fast: the torch exporters were measured to drop or
+corrupt tangents, bake the batch size in, and emit ops TensorRT rejects (shared/TOOLCHAIN.md).
+The op set here is deliberately limited to ops TensorRT 10's ONNX parser supports.
+
+Shapes: ``static_shape`` gives every dimension but the batch (-1); the tangent layout is
+``(m, N, ...)`` (m tangents riding in one pass), primal values are ``(N, ...)``.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+class TorchOps:
+    """Eager torch implementation (imports torch lazily: the runtime may use this only when asked)."""
+
+    def __init__(self, dtype: Any = None, device: Any = None) -> None:
+        import torch
+        import torch.nn.functional as F
+
+        self.torch, self.F = torch, F
+        self.dtype = dtype or torch.float32  # float64 for validation references
+        self.device = device
+
+    def shape(self, x: Any) -> tuple[int, ...]:
+        return tuple(x.shape)
+
+    def const(self, value: np.ndarray | float, like: Any = None) -> Any:
+        return self.torch.as_tensor(np.asarray(value), dtype=self.dtype, device=self.device)
+
+    def add(self, a: Any, b: Any) -> Any:
+        return a + b
+
+    def sub(self, a: Any, b: Any) -> Any:
+        return a - b
+
+    def mul(self, a: Any, b: Any) -> Any:
+        return a * b
+
+    def div(self, a: Any, b: Any) -> Any:
+        return a / b
+
+    def neg(self, a: Any) -> Any:
+        return -a
+
+    def sqrt(self, a: Any) -> Any:
+        return self.torch.sqrt(a)
+
+    def exp(self, a: Any) -> Any:
+        return self.torch.exp(a)
+
+    def log(self, a: Any) -> Any:
+        return self.torch.log(a)
+
+    def erf(self, a: Any) -> Any:
+        return self.torch.erf(a)
+
+    def tanh(self, a: Any) -> Any:
+        return self.torch.tanh(a)
+
+    def relu(self, a: Any) -> Any:
+        return self.torch.relu(a)
+
+    def clip(self, a: Any, lo: float, hi: float) -> Any:
+        return self.torch.clamp(a, lo, hi)
+
+    def step_mask(self, a: Any, lo: float, hi: float | None = None) -> Any:
+        """1.0 where lo < a (< hi), else 0.0: the derivative mask of ReLU/ReLU6."""
+        m = a > lo
+        if hi is not None:
+            m = m & (a < hi)
+        return m.to(a.dtype)
+
+    def mean(self, a: Any, axes: Sequence[int], keepdims: bool = True) -> Any:
+        return a.mean(dim=tuple(axes), keepdim=keepdims)
+
+    def sum(self, a: Any, axes: Sequence[int], keepdims: bool = True) -> Any:
+        return a.sum(dim=tuple(axes), keepdim=keepdims)
+
+    def max(self, a: Any, axes: Sequence[int], keepdims: bool = True) -> Any:
+        return a.amax(dim=tuple(axes), keepdim=keepdims)
+
+    def matmul(self, a: Any, b: Any) -> Any:
+        return self.torch.matmul(a, b)
+
+    def gemm(self, x: Any, w: Any, b: Any | None) -> Any:
+        """x @ w.T + b for 2-D x (a Linear layer)."""
+        return self.F.linear(x, w, b)
+
+    def conv(self, x: Any, w: Any, b: Any | None, stride: Sequence[int], padding: Sequence[int],
+             dilation: Sequence[int], groups: int) -> Any:
+        return self.F.conv2d(x, w, b, tuple(stride), tuple(padding), tuple(dilation), groups)
+
+    def maxpool(self, x: Any, kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                dilation: Sequence[int], ceil_mode: bool) -> Any:
+        return self.F.max_pool2d(x, tuple(kernel), tuple(stride), tuple(padding), tuple(dilation), ceil_mode)
+
+    def avgpool(self, x: Any, kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                ceil_mode: bool, count_include_pad: bool) -> Any:
+        return self.F.avg_pool2d(x, tuple(kernel), tuple(stride), tuple(padding), ceil_mode, count_include_pad)
+
+    def pad(self, x: Any, pads_hw: Sequence[int], value: float) -> Any:
+        """Pad the last two dims by (top, left, bottom, right)."""
+        t, l, b, r = pads_hw
+        return self.F.pad(x, (l, r, t, b), value=value)
+
+    def reshape(self, x: Any, shape: Sequence[int]) -> Any:
+        """ONNX Reshape semantics: 0 copies the input's dimension, -1 is inferred."""
+        shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+        return x.reshape(shape)
+
+    def transpose(self, x: Any, perm: Sequence[int]) -> Any:
+        return x.permute(*perm)
+
+    def concat(self, xs: Sequence[Any], axis: int) -> Any:
+        return self.torch.cat(list(xs), dim=axis)
+
+    def unsqueeze(self, x: Any, axis: int) -> Any:
+        return x.unsqueeze(axis)
+
+    def argmax_onehot(self, x: Any, axis: int) -> Any:
+        """One-hot (float) of the first maximum along ``axis``, as MaxPool picks it."""
+        idx = x.argmax(dim=axis, keepdim=True)
+        return self.torch.zeros_like(x).scatter_(axis, idx, 1.0)
+
+    def batch_count(self, x: Any, per_sample: int) -> Any:
+        """Number of elements reduced per channel: batch size × per_sample, as a float scalar."""
+        return self.torch.tensor(float(x.shape[0] * per_sample), dtype=x.dtype, device=x.device)
+
+    def expand_zeros(self, like: Any, m: int) -> Any:
+        return self.torch.zeros((m, *like.shape), dtype=like.dtype, device=like.device)
+
+
+@dataclass
+class OnnxValue:
+    """A tensor in the graph under construction: its name and its shape (-1 = batch / unknown)."""
+
+    name: str
+    shape: tuple[int, ...]
+
+
+class OnnxOps:
+    """Records the vocabulary as ONNX nodes (opset 17). Shapes are tracked so rules can reshape."""
+
+    def __init__(self, graph_name: str) -> None:
+        self.graph_name = graph_name
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self._ids = itertools.count()
+        self._consts: dict[tuple, OnnxValue] = {}
+
+    # -- graph plumbing -------------------------------------------------------------------
+    def _fresh(self, hint: str) -> str:
+        return f"{hint}_{next(self._ids)}"
+
+    def _node(self, op: str, inputs: Sequence[str], shape: tuple[int, ...], hint: str | None = None,
+              **attrs: Any) -> OnnxValue:
+        out = self._fresh(hint or op.lower())
+        self.nodes.append(helper.make_node(op, list(inputs), [out], name=out, **attrs))
+        return OnnxValue(out, tuple(shape))
+
+    def input(self, name: str, shape: Sequence[int], dtype: int = TensorProto.FLOAT) -> OnnxValue:
+        dims = ["N" if d == -1 else d for d in shape]
+        self.inputs.append(helper.make_tensor_value_info(name, dtype, dims))
+        return OnnxValue(name, tuple(shape))
+
+    def output(self, name: str, v: OnnxValue) -> None:
+        self.nodes.append(helper.make_node("Identity", [v.name], [name], name=f"out_{name}"))
+        dims = ["N" if d == -1 else d for d in v.shape]
+        self.outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
+
+    def model(self) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, self.graph_name, self.inputs, self.outputs, self.initializers)
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="asyncfgd")
+        m.ir_version = 8  # readable by ORT >= 1.10 and TensorRT 10
+        return m
+
+    def _array_const(self, arr: np.ndarray, hint: str) -> OnnxValue:
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            name = self._fresh(hint)
+            self.initializers.append(numpy_helper.from_array(arr, name))
+            self._consts[key] = OnnxValue(name, tuple(arr.shape))
+        return self._consts[key]
+
+    def _ints(self, values: Sequence[int]) -> OnnxValue:
+        return self._array_const(np.asarray(values, dtype=np.int64), "ints")
+
+    # -- the vocabulary ------------------------------------------------------------------
+    def shape(self, x: OnnxValue) -> tuple[int, ...]:
+        return x.shape
+
+    def const(self, value: np.ndarray | float, like: Any = None) -> OnnxValue:
+        return self._array_const(np.asarray(value, dtype=np.float32), "c")
+
+    def _binary(self, op: str, a: OnnxValue, b: OnnxValue) -> OnnxValue:
+        return self._node(op, [a.name, b.name], _broadcast(a.shape, b.shape))
+
+    def add(self, a: OnnxValue, b: OnnxValue) -> OnnxValue:
+        return self._binary("Add", a, b)
+
+    def sub(self, a: OnnxValue, b: OnnxValue) -> OnnxValue:
+        return self._binary("Sub", a, b)
+
+    def mul(self, a: OnnxValue, b: OnnxValue) -> OnnxValue:
+        return self._binary("Mul", a, b)
+
+    def div(self, a: OnnxValue, b: OnnxValue) -> OnnxValue:
+        return self._binary("Div", a, b)
+
+    def _unary(self, op: str, a: OnnxValue) -> OnnxValue:
+        return self._node(op, [a.name], a.shape)
+
+    def neg(self, a: OnnxValue) -> OnnxValue:
+        return self._unary("Neg", a)
+
+    def sqrt(self, a: OnnxValue) -> OnnxValue:
+        return self._unary("Sqrt", a)
+
+    def exp(self, a: OnnxValue) -> OnnxValue:
+        return self._unary("Exp", a)
+
+    def log(self, a: OnnxValue) -> OnnxValue:
+        return self._unary("Log", a)
+
+    def erf(self, a: OnnxValue) -> OnnxValue:
+        return self._unary("Erf", a)
+
+    def tanh(self, a: OnnxValue) -> OnnxValue:
+        return self._unary("Tanh", a)
+
+    def relu(self, a: OnnxValue) -> OnnxValue:
+        return self._unary("Relu", a)
+
+    def clip(self, a: OnnxValue, lo: float, hi: float) -> OnnxValue:
+        return self._node("Clip", [a.name, self.const(lo).name, self.const(hi).name], a.shape)
+
+    def step_mask(self, a: OnnxValue, lo: float, hi: float | None = None) -> OnnxValue:
+        m = self._node("Greater", [a.name, self.const(lo).name], a.shape)
+        if hi is not None:
+            m = self._node("And", [m.name, self._node("Less", [a.name, self.const(hi).name], a.shape).name], a.shape)
+        return self._node("Cast", [m.name], a.shape, to=TensorProto.FLOAT)
+
+    def _reduce(self, op: str, a: OnnxValue, axes: Sequence[int], keepdims: bool) -> OnnxValue:
+        axes = [ax % len(a.shape) for ax in axes]
+        shape = tuple(1 if i in axes else d for i, d in enumerate(a.shape) if keepdims or i not in axes)
+        if op == "ReduceSum":  # opset 13+: axes is an input
+            return self._node(op, [a.name, self._ints(axes).name], shape, keepdims=int(keepdims))
+        return self._node(op, [a.name], shape, axes=list(axes), keepdims=int(keepdims))
+
+    def mean(self, a: OnnxValue, axes: Sequence[int], keepdims: bool = True) -> OnnxValue:
+        return self._reduce("ReduceMean", a, axes, keepdims)
+
+    def sum(self, a: OnnxValue, axes: Sequence[int], keepdims: bool = True) -> OnnxValue:
+        return self._reduce("ReduceSum", a, axes, keepdims)
+
+    def max(self, a: OnnxValue, axes: Sequence[int], keepdims: bool = True) -> OnnxValue:
+        return self._reduce("ReduceMax", a, axes, keepdims)
+
+    def matmul(self, a: OnnxValue, b: OnnxValue) -> OnnxValue:
+        batch = _broadcast(a.shape[:-2], b.shape[:-2])
+        return self._node("MatMul", [a.name, b.name], (*batch, a.shape[-2], b.shape[-1]))
+
+    def gemm(self, x: OnnxValue, w: OnnxValue, b: OnnxValue | None) -> OnnxValue:
+        ins = [x.name, w.name] + ([b.name] if b is not None else [])
+        return self._node("Gemm", ins, (x.shape[0], w.shape[0]), transB=1)
+
+    def conv(self, x: OnnxValue, w: OnnxValue, b: OnnxValue | None, stride: Sequence[int],
+             padding: Sequence[int], dilation: Sequence[int], groups: int) -> OnnxValue:
+        ins = [x.name, w.name] + ([b.name] if b is not None else [])
+        h, wd = (_pool_out(x.shape[2 + i], w.shape[2 + i], stride[i], padding[i], dilation[i], False) for i in range(2))
+        return self._node("Conv", ins, (x.shape[0], w.shape[0], h, wd), kernel_shape=list(w.shape[2:]),
+                          strides=list(stride), pads=[padding[0], padding[1], padding[0], padding[1]],
+                          dilations=list(dilation), group=groups)
+
+    def maxpool(self, x: OnnxValue, kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                dilation: Sequence[int], ceil_mode: bool) -> OnnxValue:
+        h, wd = (_pool_out(x.shape[2 + i], kernel[i], stride[i], padding[i], dilation[i], ceil_mode) for i in range(2))
+        return self._node("MaxPool", [x.name], (*x.shape[:2], h, wd), kernel_shape=list(kernel), strides=list(stride),
+                          pads=[padding[0], padding[1], padding[0], padding[1]], dilations=list(dilation),
+                          ceil_mode=int(ceil_mode))
+
+    def avgpool(self, x: OnnxValue, kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                ceil_mode: bool, count_include_pad: bool) -> OnnxValue:
+        h, wd = (_pool_out(x.shape[2 + i], kernel[i], stride[i], padding[i], 1, ceil_mode) for i in range(2))
+        return self._node("AveragePool", [x.name], (*x.shape[:2], h, wd), kernel_shape=list(kernel),
+                          strides=list(stride), pads=[padding[0], padding[1], padding[0], padding[1]],
+                          ceil_mode=int(ceil_mode), count_include_pad=int(count_include_pad))
+
+    def pad(self, x: OnnxValue, pads_hw: Sequence[int], value: float) -> OnnxValue:
+        t, l, b, r = pads_hw
+        pads = self._ints([0, 0, t, l, 0, 0, b, r])
+        shape = (*x.shape[:2], x.shape[2] + t + b, x.shape[3] + l + r)
+        return self._node("Pad", [x.name, pads.name, self.const(value).name], shape, mode="constant")
+
+    def reshape(self, x: OnnxValue, shape: Sequence[int]) -> OnnxValue:
+        known = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+        return self._node("Reshape", [x.name, self._ints(shape).name], _infer_reshape(x.shape, known))
+
+    def transpose(self, x: OnnxValue, perm: Sequence[int]) -> OnnxValue:
+        return self._node("Transpose", [x.name], tuple(x.shape[p] for p in perm), perm=list(perm))
+
+    def concat(self, xs: Sequence[OnnxValue], axis: int) -> OnnxValue:
+        shape = list(xs[0].shape)
+        ax = axis % len(shape)
+        shape[ax] = -1 if any(v.shape[ax] == -1 for v in xs) else sum(v.shape[ax] for v in xs)
+        return self._node("Concat", [v.name for v in xs], tuple(shape), axis=axis)
+
+    def unsqueeze(self, x: OnnxValue, axis: int) -> OnnxValue:
+        shape = list(x.shape)
+        shape.insert(axis % (len(shape) + 1), 1)
+        return self._node("Unsqueeze", [x.name, self._ints([axis]).name], tuple(shape))
+
+    def argmax_onehot(self, x: OnnxValue, axis: int) -> OnnxValue:
+        idx = self._node("ArgMax", [x.name], tuple(1 if i == axis % len(x.shape) else d for i, d in enumerate(x.shape)),
+                         axis=axis, keepdims=1, select_last_index=0)
+        n = x.shape[axis]
+        rng_shape = [1] * len(x.shape)
+        rng_shape[axis] = n
+        rng = self._array_const(np.arange(n, dtype=np.int64).reshape(rng_shape), "arange")
+        eq = self._node("Equal", [idx.name, rng.name], x.shape)
+        return self._node("Cast", [eq.name], x.shape, to=TensorProto.FLOAT)
+
+    def batch_count(self, x: OnnxValue, per_sample: int) -> OnnxValue:
+        shp = self._node("Shape", [x.name], (len(x.shape),), start=0, end=1)
+        n = self._node("Cast", [shp.name], (1,), to=TensorProto.FLOAT)
+        return self.mul(n, self.const(float(per_sample)))
+
+    def expand_zeros(self, like: OnnxValue, m: int) -> OnnxValue:
+        shp = self._node("Shape", [like.name], (len(like.shape),))
+        full = self._node("Concat", [self._ints([m]).name, shp.name], (len(like.shape) + 1,), axis=0)
+        return self._node("Expand", [self.const(0.0).name, full.name], (m, *like.shape))
+
+
+def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + a, (1,) * (n - len(b)) + b
+    return tuple(y if x == 1 else x for x, y in zip(a, b))
+
+
+def _pool_out(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
+    if size == -1:
+        return -1
+    span = size + 2 * p - d * (k - 1) - 1
+    out = (-(-span // s) if ceil_mode else span // s) + 1
+    if ceil_mode and (out - 1) * s >= size + p:
+        out -= 1
+    return out
+
+
+def _infer_reshape(src: tuple[int, ...], dst: list[int]) -> tuple[int, ...]:
+    """Shape after Reshape; the batch (-1 in src) can be the inferred dim."""
+    if -1 not in dst:
+        return tuple(dst)
+    known_src = [d for d in src if d != -1]
+    if len(known_src) == len(src):
+        total = int(np.prod(src))
+        rest = int(np.prod([d for d in dst if d != -1]))
+        return tuple(total // rest if d == -1 else d for d in dst)
+    return tuple(dst)

@@ -1,0 +1,362 @@
+"""Dual rules: for each layer type, (y, ẏ) = (f(x; θ), ∂f/∂x·ẋ + ∂f/∂θ·u) with plain ops.
+
+A rule takes primal inputs ``xs`` (N, ...), their tangents ``xds`` (m, N, ...) or None (a zero
+tangent: that work is skipped), the layer's weights ``p`` and weight tangents ``u`` (m, *shape)
+or None, and BatchNorm statistics ``s``. It returns y, ẏ (or None when ẏ is identically zero)
+and any updated statistics. With ``ctx.dual`` false the same rule is the plain forward, so the
+forward, eval and dual graphs all come from one definition.
+
+Costs are kept near the 3× FLOP floor of a weight-perturbed dual step: for m = 1, a conv or
+linear computes ∂f/∂x·ẋ + ∂f/∂θ·u as ONE product over channel-concatenated [ẋ, x] and [W, U].
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from .program import Node
+
+
+@dataclass(frozen=True)
+class RuleContext:
+    m: int  # tangents riding in one pass (leading dim of every tangent)
+    dual: bool  # compute tangents at all
+    bn_train: bool  # BatchNorm uses batch statistics and returns updated running statistics
+
+
+RuleOut = tuple[Any, Any, dict[str, Any]]
+Rule = Callable[[Any, Node, list, list, dict, dict, dict, RuleContext], RuleOut]
+RULES: dict[str, Rule] = {}
+
+
+def rule(op: str) -> Callable[[Rule], Rule]:
+    def register(fn: Rule) -> Rule:
+        RULES[op] = fn
+        return fn
+    return register
+
+
+def _add_opt(ops: Any, a: Any, b: Any) -> Any:
+    """a + b where either may be None (a zero tangent)."""
+    if a is None:
+        return b
+    return a if b is None else ops.add(a, b)
+
+
+def merge_m(ops: Any, t: Any) -> Any:
+    """(m, N, ...) -> (m·N, ...) so a batched op sees the tangents as a bigger batch."""
+    return ops.reshape(t, [-1, *ops.shape(t)[2:]])
+
+
+def split_m(ops: Any, t: Any, m: int) -> Any:
+    """(m·N, ...) -> (m, N, ...)."""
+    return ops.reshape(t, [m, -1, *ops.shape(t)[1:]])
+
+
+def _param_tangent_product(ops: Any, x: Any, u: Any, m: int, product: Callable[[Any, Any], Any],
+                           groups: int = 1) -> Any:
+    """∂f/∂θ·u for a layer linear in θ: all m tangents in one product over stacked outputs.
+
+    ``product(x, W)`` is the layer's map; stacking the m tangents along the output-channel axis
+    (group-major, so grouped convs keep their channel groups) gives (N, m·C, ...) in one call.
+    """
+    shp = ops.shape(u)  # (m, C, ...)
+    c, rest = shp[1], list(shp[2:])
+    if m == 1:
+        y = product(x, ops.reshape(u, [c, *rest]))
+        return ops.unsqueeze(y, 0)
+    g = groups
+    w = ops.reshape(u, [m, g, c // g, *rest])
+    w = ops.transpose(w, [1, 0, *range(2, len(rest) + 3)])
+    y = product(x, ops.reshape(w, [g * m * (c // g), *rest]))  # (N, g·m·c/g, ...)
+    ys = ops.shape(y)
+    y = ops.reshape(y, [0, g, m, c // g, *ys[2:]])
+    y = ops.transpose(y, [2, 0, 1, *range(3, len(ys) + 2)])
+    return ops.reshape(y, [m, -1, c, *ys[2:]])
+
+
+@rule("linear")
+def linear(ops, node, xs, xds, p, u, s, ctx) -> RuleOut:
+    (x,), (xd,) = xs, xds
+    w, b = p["weight"], p.get("bias")
+    y = ops.gemm(x, w, b)
+    if not ctx.dual:
+        return y, None, {}
+    uw, ub = u["weight"], u.get("bias")
+    if xd is not None and ctx.m == 1:
+        # one product: [ẋ, x] @ [W, U]ᵀ
+        xx = ops.concat([ops.reshape(xd, [-1, ops.shape(x)[1]]), x], 1)
+        ww = ops.concat([w, ops.reshape(uw, list(ops.shape(w)))], 1)
+        yd = ops.unsqueeze(ops.gemm(xx, ww, None), 0)
+    else:
+        yd = _param_tangent_product(ops, x, uw, ctx.m, lambda a, k: ops.gemm(a, k, None))
+        if xd is not None:
+            yd = ops.add(yd, ops.matmul(xd, ops.transpose(w, [1, 0])))
+    if ub is not None:
+        yd = ops.add(yd, ops.reshape(ub, [ctx.m, 1, ops.shape(ub)[1]]))
+    return y, yd, {}
+
+
+@rule("conv2d")
+def conv2d(ops, node, xs, xds, p, u, s, ctx) -> RuleOut:
+    (x,), (xd,) = xs, xds
+    a = node.attrs
+    w, b = p["weight"], p.get("bias")
+    conv = lambda inp, k, bias=None: ops.conv(inp, k, bias, a["stride"], a["padding"], a["dilation"], a["groups"])  # noqa: E731
+    y = conv(x, w, b)
+    if not ctx.dual:
+        return y, None, {}
+    uw, ub = u["weight"], u.get("bias")
+    g = a["groups"]
+    if xd is not None and ctx.m == 1:
+        # one conv over channel-concatenated [ẋ, x] with [W, U] (interleaved per group)
+        n_c = ops.shape(x)[1]
+        hw = list(ops.shape(x)[2:])
+        xx = ops.concat([ops.reshape(xd, [-1, g, n_c // g, *hw]), ops.reshape(x, [-1, g, n_c // g, *hw])], 2)
+        xx = ops.reshape(xx, [-1, 2 * n_c, *hw])
+        ww = ops.concat([w, ops.reshape(uw, list(ops.shape(w)))], 1)
+        yd = ops.unsqueeze(conv(xx, ww), 0)
+    else:
+        yd = _param_tangent_product(ops, x, uw, ctx.m, conv, groups=g)
+        if xd is not None:
+            yd = ops.add(yd, split_m(ops, conv(merge_m(ops, xd), w), ctx.m))
+    if ub is not None:
+        yd = ops.add(yd, ops.reshape(ub, [ctx.m, 1, ops.shape(ub)[1], 1, 1]))
+    return y, yd, {}
+
+
+def _batch_norm_train(ops, x, xd, eps):
+    axes = [0, 2, 3]
+    mu = ops.mean(x, axes)
+    xc = ops.sub(x, mu)
+    var = ops.mean(ops.mul(xc, xc), axes)
+    r = ops.div(ops.const(1.0), ops.sqrt(ops.add(var, ops.const(eps))))
+    xh = ops.mul(xc, r)
+    xhd = None
+    if xd is not None:
+        taxes = [a + 1 for a in axes]
+        xdc = ops.sub(xd, ops.mean(xd, taxes))
+        # σ̇²·r² / 2 = mean(x̂·ẋ)·r  → x̂̇ = (ẋc − x̂·mean(x̂·ẋc))·r
+        proj = ops.mean(ops.mul(xh, xdc), taxes)
+        xhd = ops.mul(ops.sub(xdc, ops.mul(xh, proj)), r)
+    return xh, xhd, mu, var
+
+
+@rule("batchnorm2d")
+def batchnorm2d(ops, node, xs, xds, p, u, s, ctx) -> RuleOut:
+    (x,), (xd,) = xs, xds
+    eps, mom = node.attrs["eps"], node.attrs["momentum"]
+    gamma, beta = p.get("weight"), p.get("bias")
+    new: dict[str, Any] = {}
+    if ctx.bn_train:
+        xh, xhd, mu, var = _batch_norm_train(ops, x, xd if ctx.dual else None, eps)
+        c = ops.shape(x)[1]
+        hw = ops.shape(x)[2] * ops.shape(x)[3]
+        n = ops.batch_count(x, hw)
+        unbiased = ops.mul(ops.reshape(var, [c]), ops.div(n, ops.sub(n, ops.const(1.0))))
+        keep = ops.const(1.0 - mom)
+        new = {
+            "running_mean": ops.add(ops.mul(s["running_mean"], keep), ops.mul(ops.reshape(mu, [c]), ops.const(mom))),
+            "running_var": ops.add(ops.mul(s["running_var"], keep), ops.mul(unbiased, ops.const(mom))),
+        }
+    else:
+        c = ops.shape(x)[1]
+        mu = ops.reshape(s["running_mean"], [1, c, 1, 1])
+        r = ops.div(ops.const(1.0), ops.sqrt(ops.add(ops.reshape(s["running_var"], [1, c, 1, 1]), ops.const(eps))))
+        xh = ops.mul(ops.sub(x, mu), r)
+        xhd = ops.mul(xd, r) if (ctx.dual and xd is not None) else None
+    y, yd = _affine(ops, xh, xhd, gamma, beta, u if ctx.dual else {}, [1, -1, 1, 1], ctx)
+    return y, (yd if ctx.dual else None), new
+
+
+def _affine(ops, xh, xhd, gamma, beta, u, pshape, ctx):
+    """y = γ·x̂ + β; ẏ = γ·x̂̇ + γ̇·x̂ + β̇ (γ, β broadcast with shape ``pshape``)."""
+    c = ops.shape(gamma)[0] if gamma is not None else None
+    view = [c if d == -1 else d for d in pshape]
+    y = xh if gamma is None else ops.mul(xh, ops.reshape(gamma, view))
+    if beta is not None:
+        y = ops.add(y, ops.reshape(beta, view))
+    if not ctx.dual:
+        return y, None
+    yd = None if xhd is None else (xhd if gamma is None else ops.mul(xhd, ops.reshape(gamma, view)))
+    if gamma is not None and u.get("weight") is not None:
+        yd = _add_opt(ops, yd, ops.mul(ops.unsqueeze(xh, 0), ops.reshape(u["weight"], [ctx.m, *view])))
+    if beta is not None and u.get("bias") is not None:
+        yd = _add_opt(ops, yd, ops.reshape(u["bias"], [ctx.m, *view]))
+    return y, yd
+
+
+@rule("layernorm")
+def layernorm(ops, node, xs, xds, p, u, s, ctx) -> RuleOut:
+    (x,), (xd,) = xs, xds
+    k = len(node.attrs["normalized_shape"])
+    axes = list(range(-k, 0))
+    mu = ops.mean(x, axes)
+    xc = ops.sub(x, mu)
+    r = ops.div(ops.const(1.0), ops.sqrt(ops.add(ops.mean(ops.mul(xc, xc), axes), ops.const(node.attrs["eps"]))))
+    xh = ops.mul(xc, r)
+    xhd = None
+    if ctx.dual and xd is not None:
+        xdc = ops.sub(xd, ops.mean(xd, axes))
+        xhd = ops.mul(ops.sub(xdc, ops.mul(xh, ops.mean(ops.mul(xh, xdc), axes))), r)
+    gamma, beta = p.get("weight"), p.get("bias")
+    shape = list(node.attrs["normalized_shape"])
+    y = xh if gamma is None else ops.mul(xh, gamma)
+    if beta is not None:
+        y = ops.add(y, beta)
+    if not ctx.dual:
+        return y, None, {}
+    yd = None if xhd is None else (xhd if gamma is None else ops.mul(xhd, gamma))
+    if gamma is not None and u.get("weight") is not None:
+        uw = ops.reshape(u["weight"], [ctx.m, *([1] * (len(ops.shape(x)) - k)), *shape])
+        yd = _add_opt(ops, yd, ops.mul(ops.unsqueeze(xh, 0), uw))
+    if beta is not None and u.get("bias") is not None:
+        yd = _add_opt(ops, yd, ops.reshape(u["bias"], [ctx.m, *([1] * (len(ops.shape(x)) - k)), *shape]))
+    return y, yd, {}
+
+
+def _elementwise(y, xd, deriv_fn, ops, ctx):
+    if not ctx.dual or xd is None:
+        return y, None, {}
+    return y, ops.mul(xd, deriv_fn()), {}
+
+
+@rule("relu")
+def relu(ops, node, xs, xds, p, u, s, ctx) -> RuleOut:
+    y = ops.relu(xs[0])
+    return _elementwise(y, xds[0], lambda: ops.step_mask(y, 0.0), ops, ctx)
+
+
+@rule("relu6")
+def relu6(ops, node, xs, xds, p, u, s, ctx) -> RuleOut:
+    x = xs[0]
+    return _elementwise(ops.clip(x, 0.0, 6.0), xds[0], lambda: ops.step_mask(x, 0.0, 6.0), ops, ctx)
+
+
+@rule("gelu")
+def gelu(ops, node, xs, xds, p, u, s, ctx) -> RuleOut:
+    x = xs[0]
+    if node.attrs.get("approximate", "none") == "tanh":
+        # y = ½x(1 + tanh(k(x + 0.044715x³))), k = √(2/π)
+        k = math.sqrt(2.0 / math.pi)
+        x2 = ops.mul(x, x)
+        inner = ops.mul(ops.const(k), ops.mul(x, ops.add(ops.const(1.0), ops.mul(ops.const(0.044715), x2))))
+        t = ops.tanh(inner)
+        y = ops.mul(ops.mul(ops.const(0.5), x), ops.add(ops.const(1.0), t))
+
+        def deriv():
+            sech2 = ops.sub(ops.const(1.0), ops.mul(t, t))
+            dinner = ops.mul(ops.const(k), ops.add(ops.const(1.0), ops.mul(ops.const(3 * 0.044715), x2)))
+            return ops.add(ops.mul(ops.const(0.5), ops.add(ops.const(1.0), t)),
+                           ops.mul(ops.mul(ops.const(0.5), x), ops.mul(sech2, dinner)))
+    else:
+        # y = x·Φ(x); y' = Φ(x) + x·φ(x)
+        phi_cdf = ops.mul(ops.const(0.5), ops.add(ops.const(1.0), ops.erf(ops.mul(x, ops.const(1 / math.sqrt(2))))))
+        y = ops.mul(x, phi_cdf)
+
+        def deriv():
+            pdf = ops.mul(ops.const(1 / math.sqrt(2 * math.pi)), ops.exp(ops.mul(ops.mul(x, x), ops.const(-0.5))))
+            return ops.add(phi_cdf, ops.mul(x, pdf))
+    return _elementwise(y, xds[0], deriv, ops, ctx)
+
+
+@rule("maxpool2d")
+def maxpool2d(ops, node, xs, xds, p, u, s, ctx) -> RuleOut:
+    """ẏ = ẋ at the window's first maximum, found with ArgMax over explicit window patches.
+
+    MaxPool's ``Indices`` output would be simpler but TensorRT does not parse it, so the windows
+    are gathered by a one-hot depthwise conv (exact: each patch value is x·1 + Σ 0·x).
+    """
+    (x,), (xd,) = xs, xds
+    a = node.attrs
+    y = ops.maxpool(x, a["kernel"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"])
+    if not ctx.dual or xd is None:
+        return y, None, {}
+    kh, kw = a["kernel"]
+    eye = np.eye(kh * kw, dtype=np.float32).reshape(kh * kw, 1, kh, kw)
+    n_c, h, w = ops.shape(x)[1:]
+    ph, pw = a["padding"]
+    extra_h, extra_w = _ceil_extra(h, kh, a["stride"][0], ph, a["dilation"][0], a["ceil_mode"]), \
+        _ceil_extra(w, kw, a["stride"][1], pw, a["dilation"][1], a["ceil_mode"])
+
+    def patches(t, fill):
+        t = ops.reshape(t, [-1, 1, h, w])
+        if ph or pw or extra_h or extra_w:
+            t = ops.pad(t, [ph, pw, ph + extra_h, pw + extra_w], fill)
+        t = ops.conv(t, ops.const(eye), None, a["stride"], [0, 0], a["dilation"], 1)
+        return ops.reshape(t, [-1, n_c, kh * kw, *ops.shape(t)[2:]])
+
+    onehot = ops.argmax_onehot(patches(x, -3.0e38), 2)  # (N, C, k², Ho, Wo)
+    yd = ops.sum(ops.mul(split_m(ops, patches(merge_m(ops, xd), 0.0), ctx.m), onehot), [3], keepdims=False)
+    return y, yd, {}
+
+
+def _ceil_extra(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
+    """Extra bottom/right padding so explicit windows cover what ceil_mode pooling covers."""
+    if not ceil_mode:
+        return 0
+    span = size + 2 * p - d * (k - 1) - 1
+    out = -(-span // s) + 1
+    if (out - 1) * s >= size + p:
+        out -= 1
+    return max(0, (out - 1) * s + d * (k - 1) + 1 - (size + 2 * p))
+
+
+@rule("avgpool2d")
+def avgpool2d(ops, node, xs, xds, p, u, s, ctx) -> RuleOut:
+    (x,), (xd,) = xs, xds
+    a = node.attrs
+    pool = lambda t: ops.avgpool(t, a["kernel"], a["stride"], a["padding"], a["ceil_mode"], a["count_include_pad"])  # noqa: E731
+    y = pool(x)
+    if not ctx.dual or xd is None:
+        return y, None, {}
+    return y, split_m(ops, pool(merge_m(ops, xd)), ctx.m), {}
+
+
+@rule("global_avgpool")
+def global_avgpool(ops, node, xs, xds, p, u, s, ctx) -> RuleOut:
+    (x,), (xd,) = xs, xds
+    y = ops.mean(x, [2, 3])
+    yd = ops.mean(xd, [3, 4]) if (ctx.dual and xd is not None) else None
+    return y, yd, {}
+
+
+@rule("flatten")
+def flatten(ops, node, xs, xds, p, u, s, ctx) -> RuleOut:
+    (x,), (xd,) = xs, xds
+    flat = int(np.prod(ops.shape(x)[1:]))
+    y = ops.reshape(x, [-1, flat])
+    yd = ops.reshape(xd, [ctx.m, -1, flat]) if (ctx.dual and xd is not None) else None
+    return y, yd, {}
+
+
+@rule("add")
+def add(ops, node, xs, xds, p, u, s, ctx) -> RuleOut:
+    y = ops.add(xs[0], xs[1])
+    return y, (_add_opt(ops, xds[0], xds[1]) if ctx.dual else None), {}
+
+
+@rule("identity")
+def identity(ops, node, xs, xds, p, u, s, ctx) -> RuleOut:
+    return xs[0], (xds[0] if ctx.dual else None), {}
+
+
+def cross_entropy(ops, logits, logits_dot, onehot, dual: bool):
+    """Mean cross-entropy from one-hot labels, and its directional derivative per tangent.
+
+    Written with ReduceMax/Exp/Log/ReduceSum (no NLL/SoftmaxCrossEntropy ops, which TensorRT
+    does not parse): loss = mean(lse(z) − Σ z·Y); dloss_j = mean(Σ (softmax(z) − Y)·ż_j).
+    """
+    zmax = ops.max(logits, [1])
+    zc = ops.sub(logits, zmax)
+    lse = ops.log(ops.sum(ops.exp(zc), [1]))  # (N, 1), relative to zmax
+    per = ops.sub(lse, ops.sum(ops.mul(zc, onehot), [1]))
+    loss = ops.mean(per, [0, 1], keepdims=False)
+    if not dual or logits_dot is None:
+        return loss, None
+    probs = ops.exp(ops.sub(zc, lse))
+    dloss = ops.mean(ops.sum(ops.mul(ops.sub(probs, onehot), logits_dot), [2], keepdims=False), [1], keepdims=False)
+    return loss, dloss

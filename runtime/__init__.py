@@ -1,0 +1,1 @@
+"""Device side: runs exported dual graphs (numpy + one backend; never imports torch by itself)."""

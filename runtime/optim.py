@@ -1,0 +1,170 @@
+"""Optimizers that update a module's live weight buffers in place.
+
+The weights are backend buffers (numpy arrays for ONNX Runtime, torch tensors for the torch
+backend), so the math is written against an array namespace ``xp`` (the ``numpy`` or ``torch``
+module) using only calls both share: ``multiply/add/subtract/divide(a, b, out=c)``,
+``sqrt(a, out=b)``, ``zeros_like``, ``sum`` and in-place operators. State and one scratch buffer
+per tensor are allocated at construction; a step allocates nothing param-sized.
+
+Formulas follow ``torch.optim.SGD`` / ``torch.optim.Adam`` (foreach=False): L2 weight decay is
+added to the gradient, the momentum buffer starts as the first gradient, Adam uses
+``step_size = lr / bc1`` and ``denom = sqrt(v) / sqrt(bc2) + eps``. torch fuses some products
+into FMAs (``add(alpha=)``, ``lerp``), which two-rounding ``xp`` calls cannot, so results agree to
+float32 rounding, not bit for bit.
+
+Each pipeline module owns one optimizer over its own tensors and updates independently, so
+``clip_norm`` clips by the global L2 norm of *that module's* gradient, not the whole model's.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+Array = Any  # numpy.ndarray or torch.Tensor
+
+
+def to_host(a: Array) -> np.ndarray:
+    """Host numpy copy of a numpy array or a (possibly device) torch tensor, without importing torch."""
+    if hasattr(a, "detach"):
+        return a.detach().cpu().numpy().copy()
+    return np.array(a, copy=True)
+
+
+class Optimizer:
+    """Shared bookkeeping: hyper-parameters, scratch, gradient clipping, checkpoint state."""
+
+    def __init__(self, params: dict[str, Array], xp: Any, lr: float, weight_decay: float = 0.0,
+                 clip_norm: float | None = None) -> None:
+        if lr < 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if clip_norm is not None and clip_norm <= 0:
+            raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm}")
+        self.params = params
+        self.xp = xp
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.clip_norm = clip_norm
+        self.steps = 0
+        self._scratch = {k: xp.zeros_like(p) for k, p in params.items()}
+        self._state: dict[str, dict[str, Array]] = {}  # state name -> tensor name -> buffer
+
+    def step(self, grads: dict[str, Array], lr: float | None = None) -> None:
+        """Apply one update in place; ``grads`` is used as scratch; ``lr`` overrides ``self.lr``."""
+        if grads.keys() != self.params.keys():
+            raise ValueError(f"gradient names {sorted(grads)} do not match parameters {sorted(self.params)}")
+        self.steps += 1
+        if self.clip_norm is not None:
+            self._clip(grads)
+        if self.weight_decay:
+            for k, g in grads.items():
+                g += self.xp.multiply(self.params[k], self.weight_decay, out=self._scratch[k])
+        self._update(grads, self.lr if lr is None else lr)
+
+    def _update(self, grads: dict[str, Array], lr: float) -> None:
+        raise NotImplementedError
+
+    def _clip(self, grads: dict[str, Array]) -> None:
+        """Scale grads by min(1, clip_norm / (norm + 1e-6)) like torch.nn.utils.clip_grad_norm_."""
+        sq = 0.0
+        for k, g in grads.items():
+            sq += float(self.xp.sum(self.xp.multiply(g, g, out=self._scratch[k])))
+        coef = self.clip_norm / (sq**0.5 + 1e-6)
+        if coef < 1.0:
+            for g in grads.values():
+                g *= coef
+
+    def state_dict(self) -> dict[str, np.ndarray | float | int]:
+        """Host copies for checkpoints: ``steps`` and ``<state>.<tensor>`` arrays."""
+        out: dict[str, np.ndarray | float | int] = {"steps": self.steps}
+        for name, bufs in self._state.items():
+            for k, b in bufs.items():
+                out[f"{name}.{k}"] = to_host(b)
+        return out
+
+    def load_state_dict(self, state: dict[str, np.ndarray | float | int]) -> None:
+        """Restore a ``state_dict`` by writing into the existing buffers in place."""
+        expected = {"steps"} | {f"{n}.{k}" for n, bufs in self._state.items() for k in bufs}
+        if set(state) != expected:
+            raise ValueError(f"state keys {sorted(state)} do not match {sorted(expected)}")
+        for name, bufs in self._state.items():
+            for k, b in bufs.items():
+                src = np.asarray(state[f"{name}.{k}"])
+                if tuple(src.shape) != tuple(b.shape):
+                    raise ValueError(f"{name}.{k}: shape {src.shape} != {tuple(b.shape)}")
+                b[...] = self.xp.asarray(src)
+        self.steps = int(state["steps"])
+
+
+class SGD(Optimizer):
+    """SGD with optional heavy-ball momentum (dampening 0, no Nesterov), as torch.optim.SGD."""
+
+    def __init__(self, params: dict[str, Array], xp: Any, lr: float, momentum: float = 0.0,
+                 weight_decay: float = 0.0, clip_norm: float | None = None) -> None:
+        super().__init__(params, xp, lr, weight_decay, clip_norm)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.momentum = momentum
+        if momentum:
+            self._state["momentum"] = {k: xp.zeros_like(p) for k, p in params.items()}
+
+    def _update(self, grads: dict[str, Array], lr: float) -> None:
+        for k, g in grads.items():
+            if self.momentum:
+                buf = self._state["momentum"][k]
+                if self.steps == 1:
+                    buf[...] = g
+                else:
+                    buf *= self.momentum
+                    buf += g
+                g = buf
+            self.params[k] -= self.xp.multiply(g, lr, out=self._scratch[k])
+
+
+class Adam(Optimizer):
+    """Adam with L2 weight decay added to the gradient (not AdamW), as torch.optim.Adam."""
+
+    def __init__(self, params: dict[str, Array], xp: Any, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, clip_norm: float | None = None) -> None:
+        super().__init__(params, xp, lr, weight_decay, clip_norm)
+        if not all(0.0 <= b < 1.0 for b in betas) or len(betas) != 2:
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.eps = eps
+        self._state["exp_avg"] = {k: xp.zeros_like(p) for k, p in params.items()}
+        self._state["exp_avg_sq"] = {k: xp.zeros_like(p) for k, p in params.items()}
+
+    def _update(self, grads: dict[str, Array], lr: float) -> None:
+        xp = self.xp
+        beta1, beta2 = self.betas
+        step_size = lr / (1 - beta1**self.steps)
+        bias_correction2_sqrt = (1 - beta2**self.steps) ** 0.5
+        for k, g in grads.items():
+            m, v, s = self._state["exp_avg"][k], self._state["exp_avg_sq"][k], self._scratch[k]
+            # m.lerp_(g, 1 - beta1): m + (1 - beta1) * (g - m)
+            m += xp.multiply(xp.subtract(g, m, out=s), 1 - beta1, out=s)
+            # v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            v *= beta2
+            v += xp.multiply(xp.multiply(g, 1 - beta2, out=s), g, out=s)
+            # denom (in g, no longer needed) = sqrt(v) / sqrt(bc2) + eps
+            denom = xp.add(xp.divide(xp.sqrt(v, out=g), bias_correction2_sqrt, out=g), self.eps, out=g)
+            # p.addcdiv_(m, denom, value=-step_size)
+            self.params[k] -= xp.divide(xp.multiply(m, step_size, out=s), denom, out=s)
+
+
+OPTIMIZERS = ("sgd", "momentum", "adam")
+
+
+def make_optimizer(name: str, params: dict[str, Array], xp: Any, **kw: Any) -> Optimizer:
+    """Build an optimizer by config name; ``momentum`` is SGD with momentum 0.9 unless given."""
+    if name == "sgd":
+        return SGD(params, xp, **kw)
+    if name == "momentum":
+        return SGD(params, xp, **{"momentum": 0.9, **kw})
+    if name == "adam":
+        return Adam(params, xp, **kw)
+    raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")

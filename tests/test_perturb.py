@@ -1,0 +1,149 @@
+"""Seeded tangents: reproducible, per-tensor independent, right distribution, filled in place."""
+import numpy as np
+import pytest
+
+from asyncfgd.runtime.perturb import MODES, fill_tangents, noise_key
+
+SHAPES = [(3, 4, 5), (3, 7), (3, 2, 3, 3)]  # m = 3 tangents for three weight tensors
+
+
+def buffers(shapes=SHAPES) -> list[np.ndarray]:
+    return [np.full(s, np.nan, dtype=np.float32) for s in shapes]
+
+
+def filled(mode="gaussian", seed=7, step=11, module=2, scale=1.0, shapes=SHAPES) -> list[np.ndarray]:
+    out = buffers(shapes)
+    fill_tangents(out, seed, step, module, mode, scale)
+    return out
+
+
+def test_noise_key_mapping():
+    assert noise_key(5, 9, 2, 1) == (5, (0, 1, 2, 9))
+    with pytest.raises(ValueError):
+        noise_key(-1, 0, 0, 0)
+    with pytest.raises(ValueError):
+        noise_key(0, 1 << 64, 0, 0)
+
+
+def test_gaussian_matches_independent_philox_stream():
+    """Tensor i is the start of Philox(key=seed, counter words [0, i, module, step])."""
+    out = filled(seed=7, step=11, module=2)
+    for i, buf in enumerate(out):
+        state = {"counter": np.array([0, i, 2, 11], np.uint64), "key": np.array([7, 0], np.uint64)}
+        bg = np.random.Philox()
+        bg.state = {"bit_generator": "Philox", "state": state, "buffer": np.zeros(4, np.uint64),
+                     "buffer_pos": 4, "has_uint32": 0, "uinteger": 0}
+        ref = np.random.Generator(bg).standard_normal(buf.size, dtype=np.float32).reshape(buf.shape)
+        np.testing.assert_array_equal(buf, ref)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_deterministic_regardless_of_history(mode):
+    a = filled(mode)
+    np.random.seed(123)
+    np.random.standard_normal(1000)  # global RNG use must not matter
+    filled("gaussian", seed=99)  # nor an unrelated draw
+    b = filled(mode)
+    for x, y in zip(a, b):
+        assert np.array_equal(x, y)
+
+
+@pytest.mark.parametrize("mode", ["gaussian", "rademacher"])
+def test_tensor_noise_independent_of_other_tensors(mode):
+    full = filled(mode)
+    alone = filled(mode, shapes=SHAPES[:1])
+    other_neighbours = filled(mode, shapes=[SHAPES[0], (3, 100)])
+    assert np.array_equal(full[0], alone[0])
+    assert np.array_equal(full[0], other_neighbours[0])
+    # tensor 1's stream does not depend on tensor 0's size
+    resized = filled(mode, shapes=[(3, 9), SHAPES[1]])
+    assert np.array_equal(full[1], resized[1])
+
+
+@pytest.mark.parametrize("change", [dict(seed=8), dict(step=12), dict(module=3)])
+def test_different_tuple_gives_different_noise(change):
+    base = filled()
+    other = filled(**change)
+    for x, y in zip(base, other):
+        assert not np.allclose(x, y)
+
+
+def test_tensors_of_one_module_differ():
+    a, b = filled(shapes=[(3, 10_000), (3, 10_000)])
+    assert np.abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.05  # std 1/sqrt(3e4)
+
+
+def test_gaussian_moments():
+    (u,) = filled(shapes=[(4, 250_000)])
+    assert abs(u.mean()) < 0.005  # std of the mean: 1 / sqrt(1e6) = 0.001
+    assert abs(u.var() - 1.0) < 0.01
+    assert abs((u**4).mean() - 3.0) < 0.05  # normal kurtosis
+
+
+def test_rademacher_values_and_balance():
+    (u,) = filled("rademacher", shapes=[(4, 250_000)])
+    assert set(np.unique(u)) == {-1.0, 1.0}
+    assert abs(u.mean()) < 0.005
+
+
+def test_scale_applied():
+    for mode in MODES:
+        base = filled(mode)
+        scaled = filled(mode, scale=0.25)
+        for x, y in zip(base, scaled):
+            np.testing.assert_allclose(y, 0.25 * x, rtol=1e-6, atol=1e-7)
+    for buf in filled("orthogonal", scale=0.0):
+        assert np.all(buf == 0.0)
+
+
+def test_orthogonal_directions_are_orthogonal_over_the_module():
+    out = filled("orthogonal")
+    m = SHAPES[0][0]
+    rows = np.concatenate([b.reshape(m, -1) for b in out], axis=1).astype(np.float64)
+    dim = rows.shape[1]
+    gram = rows @ rows.T
+    np.testing.assert_allclose(np.diag(gram), dim, rtol=1e-5)
+    off = gram[~np.eye(m, dtype=bool)]
+    assert np.abs(off).max() < 1e-5 * dim
+    # per-tensor blocks alone are not orthogonal: the constraint is joint
+    first = out[0].reshape(m, -1).astype(np.float64)
+    assert np.abs((first @ first.T)[~np.eye(m, dtype=bool)]).max() > 1e-3
+
+
+def test_orthogonal_square_and_too_many_directions():
+    out = filled("orthogonal", shapes=[(6, 2), (6, 4)])  # m = D = 6: a scaled orthogonal matrix
+    q = np.concatenate(out, axis=1).astype(np.float64)
+    np.testing.assert_allclose(q @ q.T, 6 * np.eye(6), atol=1e-4)
+    with pytest.raises(ValueError, match="m <= D"):
+        filled("orthogonal", shapes=[(7, 2), (7, 4)])
+
+
+def test_orthogonal_first_direction_is_normalised_gaussian():
+    """Gram-Schmidt order: direction 0 is the gaussian draw rescaled to norm sqrt(D)."""
+    g = filled("gaussian")
+    o = filled("orthogonal")
+    d0 = np.concatenate([b[0].ravel() for b in g]).astype(np.float64)
+    o0 = np.concatenate([b[0].ravel() for b in o])
+    np.testing.assert_allclose(o0, d0 * np.sqrt(d0.size) / np.linalg.norm(d0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fills_in_place(mode):
+    out = buffers()
+    ids = [id(b) for b in out]
+    ptrs = [b.ctypes.data for b in out]
+    fill_tangents(out, 1, 2, 3, mode, 0.5)
+    assert [id(b) for b in out] == ids
+    assert [b.ctypes.data for b in out] == ptrs
+    assert all(np.isfinite(b).all() for b in out)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="unknown tangent mode"):
+        fill_tangents(buffers(), 0, 0, 0, "uniform")
+    with pytest.raises(ValueError, match="float32"):
+        fill_tangents([np.zeros((2, 3))], 0, 0, 0)
+    with pytest.raises(ValueError, match="leading dimension"):
+        fill_tangents([np.zeros((2, 3), np.float32), np.zeros((3, 3), np.float32)], 0, 0, 0)
+    with pytest.raises(ValueError, match="at least one"):
+        fill_tangents([], 0, 0, 0)
