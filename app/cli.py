@@ -1,6 +1,8 @@
 """The `asyncfgd-app` command line (typer)."""
 import typer
 
+from . import doctor
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Forward-gradient (AsyncFGD) training without backpropagation.")
 
 
@@ -9,6 +11,9 @@ def version() -> None:
     """Print the package version."""
     from importlib.metadata import version as v
     typer.echo(v("asyncfgd"))
+
+
+doctor.register(app)
 
 
 def main() -> None:

@@ -179,7 +179,15 @@ class OnnxOps:
         return OnnxValue(name, tuple(shape))
 
     def output(self, name: str, v: OnnxValue) -> None:
-        self.nodes.append(helper.make_node("Identity", [v.name], [name], name=f"out_{name}"))
+        """Expose ``v`` as graph output ``name``: renames the producer's output (an Identity would copy)."""
+        producer = next((n for n in self.nodes if v.name in n.output), None)
+        taken = {o.name for o in self.outputs} | {i.name for i in self.inputs}
+        if producer is None or v.name in taken:
+            self.nodes.append(helper.make_node("Identity", [v.name], [name], name=f"out_{name}"))
+        else:
+            for n in self.nodes:
+                n.input[:] = [name if i == v.name else i for i in n.input]
+                n.output[:] = [name if o == v.name else o for o in n.output]
         dims = ["N" if d == -1 else d for d in v.shape]
         self.outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
 

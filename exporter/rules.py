@@ -128,65 +128,61 @@ def conv2d(ops, node, xs, xds, p, u, s, ctx) -> RuleOut:
     return y, yd, {}
 
 
-def _batch_norm_train(ops, x, xd, eps):
-    axes = [0, 2, 3]
-    mu = ops.mean(x, axes)
-    xc = ops.sub(x, mu)
-    var = ops.mean(ops.mul(xc, xc), axes)
-    r = ops.div(ops.const(1.0), ops.sqrt(ops.add(var, ops.const(eps))))
-    xh = ops.mul(xc, r)
-    xhd = None
-    if xd is not None:
-        taxes = [a + 1 for a in axes]
-        xdc = ops.sub(xd, ops.mean(xd, taxes))
-        # σ̇²·r² / 2 = mean(x̂·ẋ)·r  → x̂̇ = (ẋc − x̂·mean(x̂·ẋc))·r
-        proj = ops.mean(ops.mul(xh, xdc), taxes)
-        xhd = ops.mul(ops.sub(xdc, ops.mul(xh, proj)), r)
-    return xh, xhd, mu, var
-
-
 @rule("batchnorm2d")
 def batchnorm2d(ops, node, xs, xds, p, u, s, ctx) -> RuleOut:
+    """BatchNorm with the tangent folded into per-channel coefficients (few full-tensor passes).
+
+    Train mode, with xc = x − μ, r = (σ² + eps)^-½, a = γ·r and p = mean(xc·ẋ):
+      y = a·xc + β,   ẏ = a·ẋ + xc·(r·u_γ − a·r²·p) + (u_β − a·mean(ẋ))
+    (from x̂̇ = r·(ẋ − mean(ẋ) − x̂·mean(x̂·ẋ))). Frozen mode uses running statistics:
+      y = a·x + (β − a·μ_run),   ẏ = a·ẋ + x·(r·u_γ) + (u_β − μ_run·r·u_γ).
+    """
     (x,), (xd,) = xs, xds
     eps, mom = node.attrs["eps"], node.attrs["momentum"]
-    gamma, beta = p.get("weight"), p.get("bias")
+    c = ops.shape(x)[1]
+    chan, tchan = [1, c, 1, 1], [ctx.m, 1, c, 1, 1]
+    gamma = ops.reshape(p["weight"], chan) if "weight" in p else None
+    beta = ops.reshape(p["bias"], chan) if "bias" in p else None
+    ug = ops.reshape(u["weight"], tchan) if ctx.dual and u.get("weight") is not None else None
+    ub = ops.reshape(u["bias"], tchan) if ctx.dual and u.get("bias") is not None else None
+    xd = xd if ctx.dual else None
     new: dict[str, Any] = {}
     if ctx.bn_train:
-        xh, xhd, mu, var = _batch_norm_train(ops, x, xd if ctx.dual else None, eps)
-        c = ops.shape(x)[1]
-        hw = ops.shape(x)[2] * ops.shape(x)[3]
-        n = ops.batch_count(x, hw)
+        mu = ops.mean(x, [0, 2, 3])
+        base = ops.sub(x, mu)  # xc
+        var = ops.mean(ops.mul(base, base), [0, 2, 3])
+        r = ops.div(ops.const(1.0), ops.sqrt(ops.add(var, ops.const(eps))))
+        n = ops.batch_count(x, ops.shape(x)[2] * ops.shape(x)[3])
         unbiased = ops.mul(ops.reshape(var, [c]), ops.div(n, ops.sub(n, ops.const(1.0))))
         keep = ops.const(1.0 - mom)
-        new = {
-            "running_mean": ops.add(ops.mul(s["running_mean"], keep), ops.mul(ops.reshape(mu, [c]), ops.const(mom))),
-            "running_var": ops.add(ops.mul(s["running_var"], keep), ops.mul(unbiased, ops.const(mom))),
-        }
+        new = {"running_mean": ops.add(ops.mul(s["running_mean"], keep), ops.mul(ops.reshape(mu, [c]), ops.const(mom))),
+               "running_var": ops.add(ops.mul(s["running_var"], keep), ops.mul(unbiased, ops.const(mom)))}
     else:
-        c = ops.shape(x)[1]
-        mu = ops.reshape(s["running_mean"], [1, c, 1, 1])
-        r = ops.div(ops.const(1.0), ops.sqrt(ops.add(ops.reshape(s["running_var"], [1, c, 1, 1]), ops.const(eps))))
-        xh = ops.mul(ops.sub(x, mu), r)
-        xhd = ops.mul(xd, r) if (ctx.dual and xd is not None) else None
-    y, yd = _affine(ops, xh, xhd, gamma, beta, u if ctx.dual else {}, [1, -1, 1, 1], ctx)
-    return y, (yd if ctx.dual else None), new
-
-
-def _affine(ops, xh, xhd, gamma, beta, u, pshape, ctx):
-    """y = γ·x̂ + β; ẏ = γ·x̂̇ + γ̇·x̂ + β̇ (γ, β broadcast with shape ``pshape``)."""
-    c = ops.shape(gamma)[0] if gamma is not None else None
-    view = [c if d == -1 else d for d in pshape]
-    y = xh if gamma is None else ops.mul(xh, ops.reshape(gamma, view))
+        mu = ops.reshape(s["running_mean"], chan)
+        r = ops.div(ops.const(1.0), ops.sqrt(ops.add(ops.reshape(s["running_var"], chan), ops.const(eps))))
+        base = x
+    a = r if gamma is None else ops.mul(gamma, r)
+    y = ops.mul(base, a)
+    if not ctx.bn_train:
+        y = ops.sub(y, ops.mul(mu, a))
     if beta is not None:
-        y = ops.add(y, ops.reshape(beta, view))
+        y = ops.add(y, beta)
     if not ctx.dual:
-        return y, None
-    yd = None if xhd is None else (xhd if gamma is None else ops.mul(xhd, ops.reshape(gamma, view)))
-    if gamma is not None and u.get("weight") is not None:
-        yd = _add_opt(ops, yd, ops.mul(ops.unsqueeze(xh, 0), ops.reshape(u["weight"], [ctx.m, *view])))
-    if beta is not None and u.get("bias") is not None:
-        yd = _add_opt(ops, yd, ops.reshape(u["bias"], [ctx.m, *view]))
-    return y, yd
+        return y, None, new
+    coef = None if ug is None else ops.mul(ug, r)  # multiplies `base`
+    const = ub
+    if ctx.bn_train and xd is not None:
+        pc = ops.mean(ops.mul(base, xd), [1, 3, 4])  # (m, 1, C, 1, 1)
+        coef = _add_opt(ops, coef, ops.neg(ops.mul(ops.mul(a, ops.mul(r, r)), pc)))
+        const = _add_opt(ops, const, ops.neg(ops.mul(a, ops.mean(xd, [1, 3, 4]))))
+    if not ctx.bn_train and ug is not None:
+        const = _add_opt(ops, const, ops.neg(ops.mul(mu, coef)))
+    yd = None if xd is None else ops.mul(xd, a)
+    if coef is not None:
+        yd = _add_opt(ops, yd, ops.mul(ops.unsqueeze(base, 0), coef))
+    if const is not None:
+        yd = _add_opt(ops, yd, const)
+    return y, yd, new
 
 
 @rule("layernorm")

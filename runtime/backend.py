@@ -40,7 +40,13 @@ class RunResult:
 
 
 class ModuleRunner(Protocol):
-    """One pipeline module, resident on one device."""
+    """One pipeline module, resident on one device.
+
+    Tangents are drawn on the host from the seeded generator (so every backend reproduces the
+    reference): the scheduler fills ``tangent_host()`` / ``scratch_host()`` and then calls
+    ``upload_tangents()`` / ``upload_scratch()``, which are no-ops where host and device memory
+    are the same (ONNX Runtime CPU, torch CPU).
+    """
 
     index: int
     is_last: bool
@@ -53,6 +59,22 @@ class ModuleRunner(Protocol):
     tangents: dict[str, Any]
     #: BatchNorm running statistics, by buffer name
     buffers: dict[str, Any]
+    #: tangents re-created for an update (m, *shape), and the gradient they combine into
+    scratch: dict[str, Any]
+    grads: dict[str, Any]
+
+    def tangent_host(self) -> list[np.ndarray]:
+        """Host arrays to fill with this module's tangents, in ``params`` order."""
+        ...
+
+    def upload_tangents(self) -> None:
+        ...
+
+    def scratch_host(self) -> list[np.ndarray]:
+        ...
+
+    def upload_scratch(self) -> None:
+        ...
 
     def run(self, role: str, x: Any, x_dot: Any = None, labels: Any = None) -> RunResult:
         """Run one graph role on a batch; ``x``/``x_dot`` come from the previous module."""

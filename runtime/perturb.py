@@ -58,6 +58,8 @@ def fill_tangents(
     """
     if mode not in MODES:
         raise ValueError(f"unknown tangent mode {mode!r}; expected one of {MODES}")
+    if not out:
+        return  # a module without weights has nothing to perturb
     m = _check_buffers(out)
     if scale == 0.0:
         for buf in out:
@@ -87,8 +89,6 @@ def fill_tangents(
 
 def _check_buffers(out: list[np.ndarray]) -> int:
     """Validate the buffers and return the common number of tangents m."""
-    if not out:
-        raise ValueError("fill_tangents needs at least one tangent buffer")
     m = out[0].shape[0] if out[0].ndim else 0
     for buf in out:
         if not isinstance(buf, np.ndarray) or buf.dtype != np.float32 or not buf.flags.c_contiguous:

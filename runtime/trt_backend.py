@@ -20,16 +20,19 @@ Design, per module:
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
+from .artifacts import Artifacts, ModuleInfo, load_artifacts
 from .backend import RunResult
-from .trt_build import build_engines, read_manifest
-from .trt_env import BackendUnavailable, ensure_context, load_trt
+from .trt_build import build_engines
+from .trt_env import BackendUnavailable, ensure_context, load_trt, trt_logger
 
-__all__ = ["BackendUnavailable", "TrtBackend", "TrtModuleRunner", "TrtOptimizer", "OPTIMIZER_KERNELS"]
+__all__ = ["BackendUnavailable", "GpuArrayXp", "TrtBackend", "TrtModuleRunner", "TrtOptimizer", "OPTIMIZER_KERNELS"]
 
 _FEEDS = ("x", "x_dot", "labels")
 _RESULT_FIELDS = ("y", "y_dot", "loss", "loss_dot", "logits")
@@ -45,35 +48,53 @@ class TrtBackend:
         self.fp16, self.max_batch, self.opt_batch = fp16, max_batch, opt_batch
         self.workspace_mb, self.output_ring = workspace_mb, output_ring
 
-    def load_module(self, artifacts: Any, index: int, tangents: int, threads: int | None) -> TrtModuleRunner:
-        """``artifacts``: the artifact directory, or an object with ``root``/``path``/``dir`` and
-        optionally ``manifest`` (dict) and ``weights`` (name -> array). ``threads`` is unused:
+    def load_module(self, artifacts: Artifacts | str | os.PathLike, index: int, tangents: int,
+                    threads: int | None) -> TrtModuleRunner:
+        """Build/reuse this module's engines and upload its weights. ``threads`` is unused:
         TensorRT work runs on the GPU."""
         trt, cuda = load_trt()
         ensure_context(cuda)
-        root = _artifact_dir(artifacts)
-        manifest = getattr(artifacts, "manifest", None) or read_manifest(root)
-        if tangents != manifest["tangents"]:
-            raise ValueError(f"engines take m={manifest['tangents']} tangents (fixed at export), not {tangents}")
-        spec = next(m for m in manifest["modules"] if m["index"] == index)
-        engines = build_engines(root, fp16=self.fp16, workspace_mb=self.workspace_mb, max_batch=self.max_batch,
-                                opt_batch=self.opt_batch, modules=[index])
-        weights = getattr(artifacts, "weights", None)
-        if weights is None:
-            weights = np.load(root / manifest["weights_file"])
-        is_last = index == max(m["index"] for m in manifest["modules"])
-        return TrtModuleRunner(trt, cuda, spec, {role: p for (_, role), p in engines.items()},
-                               weights, tangents, is_last, self.output_ring)
+        if not isinstance(artifacts, Artifacts):
+            artifacts = load_artifacts(artifacts)
+        if tangents != artifacts.tangents:
+            raise ValueError(f"engines take m={artifacts.tangents} tangents (fixed at export), not {tangents}")
+        engines = build_engines(artifacts.root, fp16=self.fp16, workspace_mb=self.workspace_mb,
+                                max_batch=self.max_batch, opt_batch=self.opt_batch, modules=[index])
+        return TrtModuleRunner(trt, cuda, artifacts.modules[index], {role: p for (_, role), p in engines.items()},
+                               artifacts.weights, tangents, self.output_ring)
 
 
-def _artifact_dir(artifacts: Any) -> Path:
-    if isinstance(artifacts, (str, os.PathLike)):
-        return Path(artifacts)
-    for attr in ("root", "path", "dir"):
-        value = getattr(artifacts, attr, None)
-        if isinstance(value, (str, os.PathLike)):
-            return Path(value)
-    raise TypeError(f"cannot find the artifact directory of {type(artifacts).__name__}")
+class _Hazards:
+    """Cross-stream ordering of device buffers, shared by all modules of the process.
+
+    A module's output is read by its neighbour on another stream and later rewritten by its
+    producer (the output ring wraps). Recording which run last wrote and which runs read each
+    buffer lets every run wait, on the device, for exactly what it depends on: read-after-write
+    and write-after-read. Streams never wait on the host.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._writer: dict[int, Any] = {}
+        self._readers: dict[int, list[Any]] = {}
+
+    def wait(self, stream: Any, reads: list[int], writes: list[int]) -> None:
+        with self._lock:
+            events = [self._writer.get(p) for p in reads]
+            events += [e for p in writes for e in self._readers.pop(p, [])]
+        for ev in events:
+            if ev is not None:
+                stream.wait_for_event(ev)
+
+    def record(self, event: Any, reads: list[int], writes: list[int]) -> None:
+        with self._lock:
+            for p in writes:
+                self._writer[p] = event
+            for p in reads:
+                self._readers.setdefault(p, []).append(event)
+
+
+_HAZARDS = _Hazards()
 
 
 class _Staging:
@@ -87,30 +108,36 @@ class _Staging:
 class TrtModuleRunner:
     """ModuleRunner on TensorRT: see the module docstring for the buffer and stream design."""
 
-    def __init__(self, trt: Any, cuda: Any, spec: Mapping[str, Any], engine_paths: Mapping[str, Path],
-                 initial: Mapping[str, np.ndarray], tangents: int, is_last: bool, output_ring: int = 2):
+    def __init__(self, trt: Any, cuda: Any, info: ModuleInfo, engine_paths: Mapping[str, Path],
+                 initial: Mapping[str, np.ndarray], tangents: int, output_ring: int = 2):
         from pycuda import gpuarray  # noqa: PLC0415 - device-only dependency
 
-        self._trt, self._cuda, self._ring = trt, cuda, output_ring
-        self.index, self.is_last = spec["index"], is_last
-        #: pycuda.gpuarray: in-place array math on the live buffers (TrtOptimizer is the fused path)
-        self.xp = gpuarray
+        self._cuda, self._ring = cuda, output_ring
+        self.index, self.is_last = info.index, info.is_last
         self.stream = cuda.Stream()
-        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        #: numpy-like namespace over GPUArrays for the runtime's optimizer and update math
+        self.xp = GpuArrayXp(self.stream)
+        self._runtime = trt.Runtime(trt_logger(trt))
+        # engines stay referenced: their execution contexts must not outlive them
         self._engines = {role: self._runtime.deserialize_cuda_engine(Path(p).read_bytes())
                          for role, p in engine_paths.items()}
         self._contexts = {role: e.create_execution_context() for role, e in self._engines.items()}
         self._io = {role: _io_table(trt, e) for role, e in self._engines.items()}
-        self._staging: dict[int, _Staging] = {}
+        self._staging: dict[tuple[int, tuple[int, ...], str], _Staging] = {}
         self._slots: dict[tuple[str, int], dict[str, Any]] = {}
         self._rng = None
-        self.params = {p["name"]: gpuarray.empty(tuple(p["shape"]), np.float32) for p in spec["params"]}
-        self.tangents = {p["name"]: gpuarray.zeros((tangents, *p["shape"]), np.float32) for p in spec["params"]}
-        self.buffers = {b["name"]: gpuarray.empty(tuple(b["shape"]), np.float32) for b in spec["buffers"]}
+        self.params = {p["name"]: gpuarray.empty(tuple(p["shape"]), np.float32) for p in info.params}
+        self.buffers = {b["name"]: gpuarray.empty(tuple(b["shape"]), np.float32) for b in info.buffers}
         for name, buf in {**self.params, **self.buffers}.items():
-            if name not in initial:
-                raise KeyError(f"initial weights lack '{name}' (module {self.index})")
-            self.from_host(buf, np.asarray(initial[name]))
+            self.from_host(buf, initial[name])
+        self.tangents = {n: gpuarray.zeros((tangents, *w.shape), np.float32) for n, w in self.params.items()}
+        #: a second tangent set, for re-created tangents of an earlier step (scheduler)
+        self.scratch = {n: gpuarray.zeros_like(u) for n, u in self.tangents.items()}
+        self.grads = {n: gpuarray.zeros_like(w) for n, w in self.params.items()}
+        # pinned host mirrors that the runtime's numpy RNG fills, and their last upload's event
+        self._host = {kind: [cuda.pagelocked_empty(u.shape, np.float32) for u in self.tangents.values()]
+                      for kind in ("tangents", "scratch")}
+        self._uploaded = {kind: cuda.Event() for kind in self._host}
 
     # --- protocol -------------------------------------------------------------------------
 
@@ -123,19 +150,25 @@ class TrtModuleRunner:
         batch = int(x.shape[0])
         slot = self._next_slot(role, batch)
         feeds = {"x": x, "x_dot": x_dot, "labels": labels}
+        reads = []  # device buffers from other modules that this run reads
         for name, (is_input, dtype) in io.items():
             if not is_input:
                 continue
             arr = self._device_input(name, feeds, slot, dtype)
+            if name in _FEEDS and arr is feeds[name]:
+                reads.append(int(arr.gpudata))
             if not ctx.set_input_shape(name, tuple(arr.shape)):
                 raise ValueError(f"input '{name}' shape {tuple(arr.shape)} is outside the '{role}' engine's "
                                  "profile; rebuild with `asyncfgd-app build --max-batch`")
             ctx.set_tensor_address(name, int(arr.gpudata))
         outputs = self._outputs(role, batch, slot)
+        writes = [int(a.gpudata) for a in outputs.values()]
+        _HAZARDS.wait(self.stream, reads, writes)
         for name, arr in outputs.items():
             ctx.set_tensor_address(name, int(arr.gpudata))
         if not ctx.execute_async_v3(self.stream.handle):
             raise RuntimeError(f"TensorRT failed to enqueue module {self.index} '{role}'")
+        _HAZARDS.record(self.record_event(), reads, writes)
         for name, arr in outputs.items():
             if name.startswith("s_new."):
                 dst = self.buffers[name[len("s_new."):]]
@@ -147,7 +180,7 @@ class TrtModuleRunner:
         ensure_context(self._cuda)
         if tuple(src.shape) != tuple(dst.shape):
             raise ValueError(f"shape {tuple(src.shape)} does not match device buffer {tuple(dst.shape)}")
-        key = int(dst.gpudata)
+        key = (int(dst.gpudata), tuple(dst.shape), dst.dtype.str)  # a freed address can be reused
         st = self._staging.get(key)
         if st is None:
             st = self._staging[key] = _Staging(self._cuda, tuple(dst.shape), dst.dtype)
@@ -162,6 +195,32 @@ class TrtModuleRunner:
         out = a.get_async(stream=self.stream)
         self.stream.synchronize()
         return out
+
+    # --- host-generated tangents (the scheduler fills the pinned mirrors, then uploads) -----
+
+    def tangent_host(self) -> list[np.ndarray]:
+        """Pinned host mirrors of ``tangents``, safe to overwrite (the last upload finished)."""
+        self._uploaded["tangents"].synchronize()
+        return self._host["tangents"]
+
+    def scratch_host(self) -> list[np.ndarray]:
+        """Pinned host mirrors of ``scratch``, safe to overwrite."""
+        self._uploaded["scratch"].synchronize()
+        return self._host["scratch"]
+
+    def upload_tangents(self) -> None:
+        """memcpy_htod_async the host tangents into the live tangent buffers."""
+        self._upload("tangents", self.tangents)
+
+    def upload_scratch(self) -> None:
+        """memcpy_htod_async the host scratch tangents into ``scratch``."""
+        self._upload("scratch", self.scratch)
+
+    def _upload(self, kind: str, dev: Mapping[str, Any]) -> None:
+        ensure_context(self._cuda)
+        for d, h in zip(dev.values(), self._host[kind], strict=True):
+            self._cuda.memcpy_htod_async(d.gpudata, h, self.stream)
+        self._uploaded[kind].record(self.stream)
 
     # --- device-side scheduling -----------------------------------------------------------
 
@@ -182,8 +241,9 @@ class TrtModuleRunner:
     def fill_tangents_on_device(self, seed: int) -> None:
         """Draw N(0, 1) tangents with cuRAND (XORWOW) straight into the tangent buffers.
 
-        Faster than host generation + copy, but it does NOT reproduce the runtime's numpy
-        tangent stream, so runs using it cannot be compared with the reference bit-for-bit.
+        Faster than host generation + upload, but it does NOT reproduce the runtime's numpy
+        tangent stream (``runtime.perturb``), so such runs cannot be compared with the
+        reference, and the scheduler cannot re-create these tangents for delayed updates.
         """
         from pycuda import curandom, gpuarray  # noqa: PLC0415
 
@@ -237,6 +297,61 @@ class TrtModuleRunner:
         return out
 
 
+class GpuArrayXp:
+    """The slice of numpy's API that ``runtime.optim`` and the scheduler's update use, over
+    pycuda GPUArrays, with kernels enqueued on the module's stream. In-place operators
+    (``+=``, ``*=``) are pycuda's own and run on the legacy default stream, which orders them
+    with the module's (blocking) stream."""
+
+    def __init__(self, stream: Any):
+        from pycuda import gpuarray  # noqa: PLC0415
+
+        self._ga, self._stream, self._kernels = gpuarray, stream, {}
+        self.empty, self.empty_like, self.zeros_like = gpuarray.empty, gpuarray.empty_like, gpuarray.zeros_like
+
+    def multiply(self, a: Any, b: Any, out: Any) -> Any:
+        return self._binary("*", a, b, out)
+
+    def add(self, a: Any, b: Any, out: Any) -> Any:
+        return self._binary("+", a, b, out)
+
+    def subtract(self, a: Any, b: Any, out: Any) -> Any:
+        return self._binary("-", a, b, out)
+
+    def divide(self, a: Any, b: Any, out: Any) -> Any:
+        return self._binary("/", a, b, out)
+
+    def sqrt(self, a: Any, out: Any) -> Any:
+        self._kernel("sqrt", "float *z, const float *x", "z[i] = sqrtf(x[i])")(out, a, stream=self._stream)
+        return out
+
+    def sum(self, a: Any) -> np.ndarray:
+        """Host scalar (callers take ``float()`` of it)."""
+        return self._ga.sum(a, stream=self._stream).get()
+
+    def asarray(self, a: Any) -> Any:
+        return a if self._is_array(a) else self._ga.to_gpu(np.ascontiguousarray(a, np.float32))
+
+    def _is_array(self, a: Any) -> bool:
+        return isinstance(a, self._ga.GPUArray)
+
+    def _binary(self, op: str, a: Any, b: Any, out: Any) -> Any:
+        """out = a op b, for b a GPUArray of a's shape or a scalar."""
+        if self._is_array(b):
+            kernel = self._kernel(op + "aa", "float *z, const float *x, const float *y", f"z[i] = x[i] {op} y[i]")
+        else:
+            kernel, b = self._kernel(op + "as", "float *z, const float *x, float y", f"z[i] = x[i] {op} y"), np.float32(b)
+        kernel(out, a, b, stream=self._stream)
+        return out
+
+    def _kernel(self, key: str, args: str, body: str) -> Any:
+        if key not in self._kernels:
+            from pycuda.elementwise import ElementwiseKernel  # noqa: PLC0415
+
+            self._kernels[key] = ElementwiseKernel(args, body, f"asyncfgd_xp_{len(self._kernels)}")
+        return self._kernels[key]
+
+
 def _io_table(trt: Any, engine: Any) -> dict[str, tuple[bool, np.dtype]]:
     """name -> (is_input, numpy dtype) for every I/O tensor of an engine."""
     table = {}
@@ -277,16 +392,19 @@ class TrtOptimizer:
 
     def __init__(self, runner: TrtModuleRunner, name: str = "sgd", momentum: float = 0.0,
                  dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        from pycuda.elementwise import ElementwiseKernel  # noqa: PLC0415
-
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 kernel_factory: Callable[[str, str, str], Any] | None = None):
+        """``kernel_factory(args, body, name)`` defaults to pycuda's ElementwiseKernel; tests pass
+        a host-compiled stand-in to check the update math without a GPU."""
+        if kernel_factory is None:
+            from pycuda.elementwise import ElementwiseKernel as kernel_factory  # noqa: PLC0415
         if name not in ("sgd", "adam"):
             raise ValueError(f"unknown optimizer {name!r} (sgd, adam)")
         self.kind = "momentum" if name == "sgd" and momentum else name
         self.runner, self.momentum, self.dampening, self.nesterov = runner, momentum, dampening, nesterov
         self.weight_decay, self.betas, self.eps = weight_decay, betas, eps
         args, body = OPTIMIZER_KERNELS[self.kind]
-        self._kernel = ElementwiseKernel(args, body, f"asyncfgd_{self.kind}")
+        self._kernel = kernel_factory(args, body, f"asyncfgd_{self.kind}")
         self._state: dict[str, tuple[Any, ...]] = {}
         self._steps: dict[str, int] = {}  # per weight, like torch.optim's state["step"]
         self._grad_bufs: dict[str, Any] = {}

@@ -15,12 +15,13 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .backend import ROLES
-from .trt_env import load_trt
+from .trt_env import load_trt, trt_logger
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ def build_engines(artifact_dir: str | Path, fp16: bool = False, workspace_mb: in
     graphs = select_graphs(read_manifest(artifact_dir), roles, modules)
     profile = batch_profile(max_batch, opt_batch)
     trt, cuda = load_trt()
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = trt_logger(trt)
     gpu = cuda.Device(0).name()
     engines_dir = artifact_dir / ENGINES_DIR
     engines_dir.mkdir(exist_ok=True)

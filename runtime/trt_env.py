@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import threading
 from types import ModuleType
+from typing import Any
 
 MIN_TRT_MAJOR = 10
 _local = threading.local()
+_logger: list[Any] = []  # the process-wide TensorRT logger, created on first use
 
 
 class BackendUnavailable(RuntimeError):
@@ -68,3 +70,10 @@ def ensure_context(cuda: ModuleType) -> None:
     ctx.push()
     _local.pushed = True
     _local.ctx = ctx  # keep the retained context alive as long as the thread uses it
+
+
+def trt_logger(trt: ModuleType) -> Any:
+    """One logger for every builder and runtime: TensorRT warns when they are given different ones."""
+    if not _logger:
+        _logger.append(trt.Logger(trt.Logger.WARNING))
+    return _logger[0]

@@ -6,10 +6,19 @@ import importlib.util
 import json
 
 import pytest
-
-from asyncfgd.runtime.trt_build import (BuildKey, batch_profile, build_engines, engine_name, file_sha256,
-                                        load_index, profile_shapes, record_entry, save_index, select_graphs,
-                                        stale_reason)
+from asyncfgd.runtime.trt_build import (
+    BuildKey,
+    batch_profile,
+    build_engines,
+    engine_name,
+    file_sha256,
+    load_index,
+    profile_shapes,
+    record_entry,
+    save_index,
+    select_graphs,
+    stale_reason,
+)
 from asyncfgd.runtime.trt_env import BackendUnavailable
 
 KEY = BuildKey("ab" * 32, "10.3.0", "Orin", "fp32", (1, 32, 64))

@@ -4,9 +4,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from asyncfgd.exporter.trt_check import (
+    TrtCompatError,
+    assert_trt_compat,
+    check_trt_compat,
+)
 from onnx import TensorProto, helper, numpy_helper
-
-from asyncfgd.exporter.trt_check import TrtCompatError, assert_trt_compat, check_trt_compat
 
 
 def _model(nodes, inputs, outputs, inits=(), opset=17, functions=()):

@@ -1,0 +1,43 @@
+"""Assemble a training pipeline from an artifact directory: backend runners, optimizers, scheduler."""
+from __future__ import annotations
+
+from typing import Any
+
+from .artifacts import Artifacts
+from .backend import ModuleRunner
+from .optim import make_optimizer
+from .scheduler import AlphaFn, AsyncFGD, LrFn, Perturbation, SyncFGD
+
+METHODS = ("fgd", "asyncfgd")
+BACKENDS = ("onnxruntime", "torch", "torch-cuda", "tensorrt")
+
+
+def make_backend(name: str) -> Any:
+    """Backends are imported on demand so that choosing ONNX Runtime never imports torch."""
+    if name == "onnxruntime":
+        from .ort_backend import OrtBackend
+
+        return OrtBackend()
+    if name in ("torch", "torch-cuda"):
+        from .torch_backend import TorchBackend
+
+        return TorchBackend("cuda" if name == "torch-cuda" else "cpu")
+    if name == "tensorrt":
+        from .trt_backend import TrtBackend
+
+        return TrtBackend()
+    raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def load_runners(artifacts: Artifacts, backend: str = "onnxruntime", threads: int | None = None) -> list[ModuleRunner]:
+    b = make_backend(backend)
+    return [b.load_module(artifacts, i, artifacts.tangents, threads) for i in range(len(artifacts.modules))]
+
+
+def make_scheduler(runners: list[ModuleRunner], method: str, optimizer: str, lr: LrFn, alpha: AlphaFn,
+                   perturbation: Perturbation, optimizer_kw: dict[str, Any] | None = None) -> SyncFGD | AsyncFGD:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    opts = [make_optimizer(optimizer, r.params, r.xp, lr=lr(0), **(optimizer_kw or {})) for r in runners]
+    cls = SyncFGD if method == "fgd" else AsyncFGD
+    return cls(runners, opts, alpha, lr, perturbation)

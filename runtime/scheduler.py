@@ -1,0 +1,254 @@
+"""Sync FGD and the AsyncFGD pipeline over K module runners (docs/algorithm.md).
+
+Notation: module k ∈ 0..K−1 (0-based), step s = the global index of a mini-batch. Module k
+draws its tangent for step s as u_k^s = α_k(s)·ε(seed, s, k) and, when the loss derivative d_s
+of that step is known, updates w_k ← opt(w_k, g = mean_j d_s,j · u_k,j^s).
+- Sync FGD: each step runs through all K modules with current weights, then all update.
+- AsyncFGD: at tick t module k works on step t − k, all modules concurrently (a thread pool:
+  ONNX Runtime releases the GIL), reading the (h, ḣ) its predecessor produced at tick t − 1.
+  After the tick's barrier, the last module's d for step s* = t − (K−1) updates every module
+  with the tangent it used for s*, which module k drew K−1−k ticks earlier.
+Module k's tangent for s* is re-created from its seed (memory: one tangent per module) or,
+with ``store_tangents``, read from a ring of K−k copies (no regeneration, more memory).
+
+Determinism: within a tick each module touches only its own buffers, and updates happen
+after the barrier, so results do not depend on thread timing.
+"""
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .backend import ModuleRunner, RunResult
+from .perturb import fill_tangents
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss or its derivative became NaN/inf; no update was applied for that step."""
+
+    def __init__(self, step: int, loss: float, loss_dot: Any) -> None:
+        super().__init__(f"non-finite loss at step {step}: loss={loss}, directional derivative={loss_dot}")
+        self.step = step
+
+
+@dataclass
+class StepOutcome:
+    """A mini-batch whose loss is known (its update, if any, has been applied)."""
+
+    step: int
+    loss: float
+    loss_dot: np.ndarray | None  # (m,) directional derivatives, None when every module was frozen
+    logits: np.ndarray
+    labels: np.ndarray  # one-hot (N, C)
+
+
+@dataclass
+class Perturbation:
+    seed: int = 0
+    mode: str = "gaussian"
+    store_tangents: bool = False
+
+
+AlphaFn = Callable[[int, int], float]  # (module, step) -> α
+LrFn = Callable[[int], float]  # step -> learning rate
+
+
+class _Base:
+    """Tangent bookkeeping and the update shared by both schedulers."""
+
+    def __init__(self, runners: Sequence[ModuleRunner], optimizers: Sequence[Any], alpha: AlphaFn, lr: LrFn,
+                 perturbation: Perturbation, delays: Sequence[int]) -> None:
+        self.runners, self.optimizers = list(runners), list(optimizers)
+        self.alpha, self.lr, self.pert = alpha, lr, perturbation
+        self.K = len(self.runners)
+        self.delays = list(delays)
+        self._live_step = [-1] * self.K  # which step's tangents sit in each live tangent buffer
+        self._rings: list[dict[int, list[np.ndarray]]] = [{} for _ in range(self.K)]
+
+    # -- roles and tangents ----------------------------------------------------------------
+    def _role(self, k: int, step: int) -> tuple[str, bool]:
+        """(graph role, whether this module is perturbed) for module k at step s."""
+        perturbed = self.alpha(k, step) > 0
+        upstream = any(self.alpha(j, step) > 0 for j in range(k))
+        if upstream:
+            return "dual", perturbed
+        return ("dual_first" if perturbed else "forward"), perturbed
+
+    def _fill(self, k: int, step: int) -> None:
+        r = self.runners[k]
+        fill_tangents(r.tangent_host(), self.pert.seed, step, k, self.pert.mode, self.alpha(k, step))
+        r.upload_tangents()
+        self._live_step[k] = step
+        if self.pert.store_tangents and self.delays[k] > 0:
+            ring = self._rings[k]
+            ring[step] = [h.copy() for h in r.tangent_host()]
+            for old in [s for s in ring if s <= step - self.delays[k] - 1]:
+                del ring[old]
+
+    def _tangents_for(self, k: int, step: int) -> dict[str, Any]:
+        """Module k's tangents for ``step``: live buffer, stored ring copy, or regenerated."""
+        r = self.runners[k]
+        if self._live_step[k] == step:
+            return r.tangents
+        hosts = r.scratch_host()
+        if self.pert.store_tangents and step in self._rings[k]:
+            for dst, src in zip(hosts, self._rings[k][step]):
+                np.copyto(dst, src)
+        else:
+            fill_tangents(hosts, self.pert.seed, step, k, self.pert.mode, self.alpha(k, step))
+        r.upload_scratch()
+        return r.scratch
+
+    def _update(self, k: int, step: int, d: np.ndarray) -> None:
+        """w_k ← opt(w_k, g = mean_j d_j·u_j) with module k's tangents for ``step``."""
+        if self.alpha(k, step) <= 0:
+            return  # frozen: no noise, and no optimizer drift from momentum/Adam state
+        r = self.runners[k]
+        xp = r.xp
+        tangents = self._tangents_for(k, step)
+        m = len(d)
+        for name, g in r.grads.items():
+            u = tangents[name]
+            xp.multiply(u[0], float(d[0]) / m, out=g)
+            for j in range(1, m):
+                g += u[j] * (float(d[j]) / m)
+        self.optimizers[k].step(r.grads, self.lr(step))
+
+    @staticmethod
+    def _check(step: int, res: RunResult, to_host: Callable[[Any], np.ndarray]) -> tuple[float, np.ndarray | None]:
+        loss = float(to_host(res.loss))
+        d = None if res.loss_dot is None else to_host(res.loss_dot).reshape(-1)
+        if not math.isfinite(loss) or (d is not None and not np.all(np.isfinite(d))):
+            raise NonFiniteLoss(step, loss, d)
+        return loss, d
+
+    def close(self) -> None:
+        """Release worker threads (async only)."""
+
+
+class SyncFGD(_Base):
+    """Every mini-batch through all modules with current weights, then every module updates."""
+
+    def __init__(self, runners: Sequence[ModuleRunner], optimizers: Sequence[Any], alpha: AlphaFn, lr: LrFn,
+                 perturbation: Perturbation) -> None:
+        super().__init__(runners, optimizers, alpha, lr, perturbation, [0] * len(runners))
+        self.next_step = 0
+
+    def feed(self, x: np.ndarray, labels: np.ndarray) -> list[StepOutcome]:
+        s = self.next_step
+        h, hd = x, None
+        for k, r in enumerate(self.runners):
+            role, perturbed = self._role(k, s)
+            if role != "forward":
+                self._fill(k, s)
+            res = r.run(role, h, hd, labels if r.is_last else None)
+            h, hd = (res.logits, None) if r.is_last else (res.y, res.y_dot)
+        last = self.runners[-1]
+        loss, d = self._check(s, res, last.to_host)
+        if d is not None:
+            for k in range(self.K):
+                self._update(k, s, d)
+        self.next_step += 1
+        return [StepOutcome(s, loss, d, last.to_host(res.logits), labels)]
+
+    def drain(self) -> list[StepOutcome]:
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next_step": self.next_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.next_step = int(state["next_step"])
+
+
+@dataclass
+class _Handoff:
+    """What module k produced at a tick, for module k+1 at the next tick."""
+
+    step: int
+    h: Any
+    h_dot: Any
+    labels: np.ndarray
+
+
+class AsyncFGD(_Base):
+    """The pipeline: K modules concurrently on K different mini-batches, descending delays."""
+
+    def __init__(self, runners: Sequence[ModuleRunner], optimizers: Sequence[Any], alpha: AlphaFn, lr: LrFn,
+                 perturbation: Perturbation, workers: int | None = None) -> None:
+        K = len(runners)
+        super().__init__(runners, optimizers, alpha, lr, perturbation, [K - 1 - k for k in range(K)])
+        self.next_step = 0
+        self.handoff: list[_Handoff | None] = [None] * K  # handoff[k]: input waiting for module k
+        self._pool = ThreadPoolExecutor(max_workers=workers or K, thread_name_prefix="asyncfgd-module")
+
+    def feed(self, x: np.ndarray, labels: np.ndarray) -> list[StepOutcome]:
+        """One tick with a new mini-batch entering module 0."""
+        self.handoff[0] = _Handoff(self.next_step, x, None, labels)
+        self.next_step += 1
+        return self._tick()
+
+    def drain(self) -> list[StepOutcome]:
+        """Ticks without new input until every in-flight mini-batch has its update."""
+        out: list[StepOutcome] = []
+        while any(h is not None for h in self.handoff):
+            out += self._tick()
+        return out
+
+    def _work(self, k: int, job: _Handoff) -> tuple[_Handoff, RunResult]:
+        role, _ = self._role(k, job.step)
+        if role != "forward":
+            self._fill(k, job.step)
+        r = self.runners[k]
+        return job, r.run(role, job.h, job.h_dot if role == "dual" else None, job.labels if r.is_last else None)
+
+    def _tick(self) -> list[StepOutcome]:
+        jobs = {k: self.handoff[k] for k in range(self.K) if self.handoff[k] is not None}
+        futures = {k: self._pool.submit(self._work, k, job) for k, job in jobs.items()}
+        results = {k: f.result() for k, f in futures.items()}  # the tick's barrier
+        self.handoff = [None] * self.K
+        outcomes = []
+        for k, (job, res) in results.items():
+            if k < self.K - 1:
+                self.handoff[k + 1] = _Handoff(job.step, res.y, res.y_dot, job.labels)
+                continue
+            last = self.runners[k]
+            loss, d = self._check(job.step, res, last.to_host)
+            if d is not None:
+                updates = [self._pool.submit(self._update, j, job.step, d) for j in range(self.K)]
+                for f in updates:
+                    f.result()
+            outcomes.append(StepOutcome(job.step, loss, d, last.to_host(res.logits), job.labels))
+        return outcomes
+
+    def state_dict(self) -> dict[str, Any]:
+        """In-flight mini-batches are saved (not drained), so a resumed run continues the same stream."""
+        flight = []
+        for k, h in enumerate(self.handoff):
+            if h is not None:
+                to_host = self.runners[max(k - 1, 0)].to_host
+                flight.append({"module": k, "step": h.step, "h": to_host(h.h), "labels": h.labels,
+                               "h_dot": None if h.h_dot is None else to_host(h.h_dot)})
+        return {"next_step": self.next_step, "in_flight": flight}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.next_step = int(state["next_step"])
+        self.handoff = [None] * self.K
+        for f in state["in_flight"]:
+            self.handoff[f["module"]] = _Handoff(int(f["step"]), f["h"], f["h_dot"], f["labels"])
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def evaluate(runners: Sequence[ModuleRunner], x: np.ndarray) -> np.ndarray:
+    """Logits from the eval graphs with the current weights (BatchNorm uses running statistics)."""
+    h = x
+    for r in runners:
+        res = r.run("eval", h)
+        h = res.logits if r.is_last else res.y
+    return runners[-1].to_host(h)
