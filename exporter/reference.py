@@ -21,7 +21,7 @@ from asyncfgd.runtime.perturb import fill_tangents
 
 from .graphs import GraphSpec, run_module, stat_names, weight_names
 from .ops import TorchOps
-from .reference_modules import jvp_module, set_bn_training
+from .reference_modules import jvp_module, segment_fn, set_bn_training
 from .split import ModuleSpec
 
 
@@ -29,6 +29,11 @@ from .split import ModuleSpec
 class ReferenceResult:
     loss: dict[int, float] = field(default_factory=dict)  # by step
     loss_dot: dict[int, np.ndarray] = field(default_factory=dict)  # by step, (m,)
+    # by step: Σ_i |g_i·u_i| over every weight (g: autograd gradient through the weights each module
+    # actually used for that step), the size of the terms whose sum is loss_dot; loss_dot's float32
+    # error is judged relative to it because the sum cancels (jvp mode only)
+    loss_dot_scale: dict[int, float] = field(default_factory=dict)
+    tangent_shapes: tuple = ()  # per module, the weight shapes (to re-create tangents)
     params: dict[str, torch.Tensor] = field(default_factory=dict)  # final weights
     stats: dict[str, torch.Tensor] = field(default_factory=dict)  # final BN statistics
     history: list[dict[str, torch.Tensor]] = field(default_factory=list)  # weights after each tick/step
@@ -72,15 +77,21 @@ def run_reference(model: torch.nn.Module, specs: Sequence[ModuleSpec], batches: 
     set_bn_training(model, bn_mode == "train")
     opts = [_make_optimizer(optimizer_impl, optimizer, params[k], lr(0), dict(optimizer_kw or {})) for k in range(K)]
     kept: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (module, step) -> tangents (m, *shape)
-    out = ReferenceResult()
+    out = ReferenceResult(tangent_shapes=tuple(tuple(tuple(p.shape) for p in pk.values()) for pk in params))
 
     def tangents_for(k: int, s: int) -> dict[str, torch.Tensor]:
         host = [np.zeros((m, *params[k][q].shape), np.float32) for q in params[k]]
         fill_tangents(host, seed, s, k, mode, alpha(k, s))
         return {q: torch.from_numpy(h) for q, h in zip(params[k], host)}
 
+    used: dict[int, list[dict[str, torch.Tensor]]] = {}  # step -> autograd copies of the weights used
+
     def forward(k: int, s: int, x: torch.Tensor, xds: list[torch.Tensor] | None, y_int: torch.Tensor):
-        """Module k on step s: returns (output, per-tangent output tangents or None, loss, dloss)."""
+        """Module k on step s: returns (output, per-tangent output tangents or None, loss, dloss).
+
+        In jvp mode ``x`` also carries an autograd graph back through the weights the earlier
+        modules used for this step, so the last module can measure Σ|g_i·u_i| exactly.
+        """
         upstream = xds is not None
         perturbed = alpha(k, s) > 0
         u = tangents_for(k, s) if (upstream or perturbed) else None
@@ -102,6 +113,8 @@ def run_reference(model: torch.nn.Module, specs: Sequence[ModuleSpec], batches: 
                 return o["logits"], None, float(o["loss"]), d
             return o["y"], (list(o["y_dot"]) if "y_dot" in o else None), None, None
         # torch.func.jvp over the model's own layers, one tangent direction at a time
+        x_ag = getattr(x, "_ag", None)
+        x = x.detach()
         if u is None:
             with torch.no_grad():
                 y, _ = jvp_module(model, specs[k], x, None, params[k], {q: torch.zeros_like(p) for q, p in params[k].items()}, stats[k])
@@ -113,11 +126,30 @@ def run_reference(model: torch.nn.Module, specs: Sequence[ModuleSpec], batches: 
                 y, yd = jvp_module(model, specs[k], x, xds[j] if upstream else None, params[k],
                                    {q: t[j] for q, t in u.items()}, bufs)
                 yds.append(yd)
+        copies = {q: p.detach().clone().requires_grad_() for q, p in params[k].items()}
+        used.setdefault(s, []).append(copies)
+        y_ag = segment_fn(model, specs[k])(x if x_ag is None else x_ag, copies, None if bn_mode == "train" else stats[k])
+        y = y.detach()
         if not last:
+            y._ag = y_ag
             return y, yds, None, None
         loss = float(F.cross_entropy(y, y_int))
         d = None if yds is None else np.array(
             [float(torch.func.jvp(lambda z: F.cross_entropy(z, y_int), (y,), (yd,))[1]) for yd in yds], np.float32)
+        if yds is not None:
+            weights = [(kk, c) for kk, c in enumerate(used.pop(s))]
+            flat = [t for _, c in weights for t in c.values()]
+            grads = torch.autograd.grad(F.cross_entropy(y_ag, y_int), flat, allow_unused=True)
+            gi = iter(grads)
+            terms = [0.0] * m
+            for kk, c in weights:
+                u_k = kept.get((kk, s))
+                for q in c:
+                    g = next(gi)
+                    if g is not None and u_k is not None:
+                        for j in range(m):
+                            terms[j] += float((g * u_k[q][j]).abs().sum())
+            out.loss_dot_scale[s] = max(terms)
         return y, None, loss, d
 
     def update(s: int, d: np.ndarray) -> None:

@@ -158,6 +158,9 @@ class SyncFGD(_Base):
     def drain(self) -> list[StepOutcome]:
         return []
 
+    def flush(self) -> None:
+        """Updates are applied within ``feed``: nothing is pending."""
+
     def state_dict(self) -> dict[str, Any]:
         return {"next_step": self.next_step}
 
@@ -176,7 +179,13 @@ class _Handoff:
 
 
 class AsyncFGD(_Base):
-    """The pipeline: K modules concurrently on K different mini-batches, descending delays."""
+    """The pipeline: K modules concurrently on K different mini-batches, descending delays.
+
+    Module k applies the update for step s* at the start of its job in the next tick (before
+    its next forward, exactly when the algorithm needs it), so updates of different modules
+    overlap with each other and with the other modules' forwards instead of forming a serial
+    phase. ``flush()`` applies pending updates now; reading weights requires it.
+    """
 
     def __init__(self, runners: Sequence[ModuleRunner], optimizers: Sequence[Any], alpha: AlphaFn, lr: LrFn,
                  perturbation: Perturbation, workers: int | None = None) -> None:
@@ -184,6 +193,7 @@ class AsyncFGD(_Base):
         super().__init__(runners, optimizers, alpha, lr, perturbation, [K - 1 - k for k in range(K)])
         self.next_step = 0
         self.handoff: list[_Handoff | None] = [None] * K  # handoff[k]: input waiting for module k
+        self.pending: tuple[int, np.ndarray] | None = None  # (step, d) not yet applied
         self._pool = ThreadPoolExecutor(max_workers=workers or K, thread_name_prefix="asyncfgd-module")
 
     def feed(self, x: np.ndarray, labels: np.ndarray) -> list[StepOutcome]:
@@ -193,13 +203,26 @@ class AsyncFGD(_Base):
         return self._tick()
 
     def drain(self) -> list[StepOutcome]:
-        """Ticks without new input until every in-flight mini-batch has its update."""
+        """Ticks without new input until every in-flight mini-batch has its update applied."""
         out: list[StepOutcome] = []
         while any(h is not None for h in self.handoff):
             out += self._tick()
+        self.flush()
         return out
 
-    def _work(self, k: int, job: _Handoff) -> tuple[_Handoff, RunResult]:
+    def flush(self) -> None:
+        """Apply the pending update of every module (weights are current afterwards)."""
+        if self.pending is not None:
+            step, d = self.pending
+            for f in [self._pool.submit(self._update, k, step, d) for k in range(self.K)]:
+                f.result()
+            self.pending = None
+
+    def _work(self, k: int, job: _Handoff | None) -> tuple[_Handoff, RunResult] | None:
+        if self.pending is not None:
+            self._update(k, *self.pending)
+        if job is None:
+            return None
         role, _ = self._role(k, job.step)
         if role != "forward":
             self._fill(k, job.step)
@@ -207,26 +230,28 @@ class AsyncFGD(_Base):
         return job, r.run(role, job.h, job.h_dot if role == "dual" else None, job.labels if r.is_last else None)
 
     def _tick(self) -> list[StepOutcome]:
-        jobs = {k: self.handoff[k] for k in range(self.K) if self.handoff[k] is not None}
-        futures = {k: self._pool.submit(self._work, k, job) for k, job in jobs.items()}
+        active = [k for k in range(self.K) if self.handoff[k] is not None or self.pending is not None]
+        futures = {k: self._pool.submit(self._work, k, self.handoff[k]) for k in active}
         results = {k: f.result() for k, f in futures.items()}  # the tick's barrier
-        self.handoff = [None] * self.K
+        self.handoff, self.pending = [None] * self.K, None
         outcomes = []
-        for k, (job, res) in results.items():
+        for k, done in results.items():
+            if done is None:
+                continue
+            job, res = done
             if k < self.K - 1:
                 self.handoff[k + 1] = _Handoff(job.step, res.y, res.y_dot, job.labels)
                 continue
             last = self.runners[k]
             loss, d = self._check(job.step, res, last.to_host)
             if d is not None:
-                updates = [self._pool.submit(self._update, j, job.step, d) for j in range(self.K)]
-                for f in updates:
-                    f.result()
+                self.pending = (job.step, d)
             outcomes.append(StepOutcome(job.step, loss, d, last.to_host(res.logits), job.labels))
         return outcomes
 
     def state_dict(self) -> dict[str, Any]:
         """In-flight mini-batches are saved (not drained), so a resumed run continues the same stream."""
+        self.flush()
         flight = []
         for k, h in enumerate(self.handoff):
             if h is not None:
@@ -237,16 +262,17 @@ class AsyncFGD(_Base):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.next_step = int(state["next_step"])
-        self.handoff = [None] * self.K
+        self.handoff, self.pending = [None] * self.K, None
         for f in state["in_flight"]:
             self.handoff[f["module"]] = _Handoff(int(f["step"]), f["h"], f["h_dot"], f["labels"])
 
     def close(self) -> None:
+        self.flush()
         self._pool.shutdown(wait=True)
 
 
 def evaluate(runners: Sequence[ModuleRunner], x: np.ndarray) -> np.ndarray:
-    """Logits from the eval graphs with the current weights (BatchNorm uses running statistics)."""
+    """Logits from the eval graphs with the runners' weights (call the scheduler's ``flush()`` first)."""
     h = x
     for r in runners:
         res = r.run("eval", h)

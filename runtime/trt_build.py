@@ -2,9 +2,10 @@
 
 An engine is only valid for the exact ONNX bytes, TensorRT version, GPU, precision and batch
 profile it was built for, and building takes minutes on a Jetson, so engines are cached in
-``<artifacts>/engines/`` with a JSON index recording that key. A cache entry whose key does not
-match, or whose engine file is missing or altered, is rebuilt, never reused. The key and
-staleness logic are pure functions so they are tested without TensorRT.
+``<artifacts>/engines/`` with a JSON index recording that key per engine file (the file name
+carries a digest of the key, so variants coexist). An entry whose key does not match, or whose
+engine file is missing or altered, is rebuilt, never reused; engines of an older version of a
+graph are deleted. The key and staleness logic are pure functions, tested without TensorRT.
 
 NOTE: :func:`build_engines`' TensorRT calls follow the TensorRT 10 Python API documentation and
 have never been executed: TensorRT could not be installed where this was written.
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 ENGINES_DIR = "engines"
 INDEX_FILE = "index.json"
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,17 @@ def load_index(engines_dir: Path) -> dict[str, Any]:
 def save_index(engines_dir: Path, index: dict[str, Any]) -> None:
     """Write atomically so an interrupted build never leaves a half-written index."""
     tmp = engines_dir / (INDEX_FILE + ".tmp")
-    tmp.write_text(json.dumps(index, indent=2, sort_keys=True))
+    tmp.write_text(json.dumps(index, indent=2))  # entry order matters: latest last
     os.replace(tmp, engines_dir / INDEX_FILE)
+
+
+def find_entry(index: dict[str, Any], graph_file: str, key: BuildKey) -> dict[str, Any] | None:
+    """The entry built for exactly ``key``, else the graph's latest entry (to say why it differs)."""
+    exact = index["entries"].get(engine_name(graph_file, key))
+    if exact is not None:
+        return exact
+    same_graph = [e for e in index["entries"].values() if e.get("graph") == graph_file]
+    return same_graph[-1] if same_graph else None
 
 
 def stale_reason(entry: dict[str, Any] | None, key: BuildKey, engines_dir: Path) -> str | None:
@@ -117,9 +127,18 @@ def stale_reason(entry: dict[str, Any] | None, key: BuildKey, engines_dir: Path)
 
 
 def record_entry(index: dict[str, Any], graph_file: str, key: BuildKey, engine_file: str,
-                 engine_sha256: str) -> None:
-    """Remember a freshly built engine under its graph's file name."""
-    index["entries"][graph_file] = {"engine": engine_file, "engine_sha256": engine_sha256, "key": asdict(key)}
+                 engine_sha256: str) -> list[str]:
+    """Remember a freshly built engine; forget (and return, for deletion) the graph's engines
+    built from older ONNX bytes. Variants of the current graph (precision, profile, TensorRT
+    version) are kept, so switching between them does not rebuild."""
+    obsolete = [name for name, e in index["entries"].items()
+                if e.get("graph") == graph_file and e["key"]["onnx_sha256"] != key.onnx_sha256]
+    for name in obsolete:
+        del index["entries"][name]
+    index["entries"].pop(engine_file, None)  # re-insert last: the graph's latest entry
+    index["entries"][engine_file] = {"graph": graph_file, "engine": engine_file,
+                                     "engine_sha256": engine_sha256, "key": asdict(key)}
+    return obsolete
 
 
 def engine_name(graph_file: str, key: BuildKey) -> str:
@@ -168,7 +187,7 @@ def build_engines(artifact_dir: str | Path, fp16: bool = False, workspace_mb: in
     for module, role, graph_file in graphs:
         key = BuildKey(file_sha256(artifact_dir / graph_file), str(trt.__version__), gpu,
                        "fp16" if fp16 else "fp32", profile)
-        entry = index["entries"].get(graph_file)
+        entry = find_entry(index, graph_file, key)
         reason = stale_reason(entry, key, engines_dir)
         if reason is None:
             out[(module, role)] = engines_dir / entry["engine"]
@@ -179,10 +198,10 @@ def build_engines(artifact_dir: str | Path, fp16: bool = False, workspace_mb: in
         tmp = engines_dir / (name + ".tmp")
         tmp.write_bytes(plan)
         os.replace(tmp, engines_dir / name)
-        if entry and entry.get("engine") and entry["engine"] != name:
-            (engines_dir / entry["engine"]).unlink(missing_ok=True)  # superseded key
-        record_entry(index, graph_file, key, name, hashlib.sha256(plan).hexdigest())
+        obsolete = record_entry(index, graph_file, key, name, hashlib.sha256(plan).hexdigest())
         save_index(engines_dir, index)
+        for old in obsolete:
+            (engines_dir / old).unlink(missing_ok=True)
         out[(module, role)] = engines_dir / name
     return out
 

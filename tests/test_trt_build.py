@@ -12,6 +12,7 @@ from asyncfgd.runtime.trt_build import (
     build_engines,
     engine_name,
     file_sha256,
+    find_entry,
     load_index,
     profile_shapes,
     record_entry,
@@ -25,18 +26,44 @@ KEY = BuildKey("ab" * 32, "10.3.0", "Orin", "fp32", (1, 32, 64))
 
 
 def _cached(tmp_path, key=KEY, payload=b"plan"):
-    """An engines dir whose index holds one entry for m0.dual.onnx built with ``key``."""
+    """Record an engine for m0.dual.onnx built with ``key``; return its entry as reloaded from disk."""
     name = engine_name("m0.dual.onnx", key)
     (tmp_path / name).write_bytes(payload)
     index = load_index(tmp_path)
     record_entry(index, "m0.dual.onnx", key, name, file_sha256(tmp_path / name))
     save_index(tmp_path, index)
-    return load_index(tmp_path)["entries"]["m0.dual.onnx"]
+    return find_entry(load_index(tmp_path), "m0.dual.onnx", key)
 
 
 def test_fresh_entry_round_trips_through_json(tmp_path):
     entry = _cached(tmp_path)
     assert stale_reason(entry, KEY, tmp_path) is None
+
+
+def test_variants_coexist_and_an_unbuilt_variant_says_what_differs(tmp_path):
+    fp16 = dataclasses.replace(KEY, precision="fp16")
+    _cached(tmp_path, KEY)
+    _cached(tmp_path, fp16, payload=b"plan16")
+    index = load_index(tmp_path)
+    assert stale_reason(find_entry(index, "m0.dual.onnx", KEY), KEY, tmp_path) is None
+    assert stale_reason(find_entry(index, "m0.dual.onnx", fp16), fp16, tmp_path) is None
+    big = dataclasses.replace(KEY, profile=(1, 128, 128))  # compared with the latest entry, the fp16 one
+    assert stale_reason(find_entry(index, "m0.dual.onnx", big), big, tmp_path).startswith("precision differs")
+    assert find_entry(index, "m1.dual.onnx", KEY) is None
+
+
+def test_a_changed_graph_obsoletes_its_old_engines_only(tmp_path):
+    _cached(tmp_path, KEY)
+    _cached(tmp_path, dataclasses.replace(KEY, precision="fp16"))
+    index = load_index(tmp_path)
+    record_entry(index, "m1.eval.onnx", KEY, engine_name("m1.eval.onnx", KEY), "00")
+    new = dataclasses.replace(KEY, onnx_sha256="cd" * 32)
+    obsolete = record_entry(index, "m0.dual.onnx", new, engine_name("m0.dual.onnx", new), "11")
+    assert sorted(obsolete) == sorted([engine_name("m0.dual.onnx", KEY),
+                                       engine_name("m0.dual.onnx", dataclasses.replace(KEY, precision="fp16"))])
+    assert sorted(e["graph"] for e in index["entries"].values()) == ["m0.dual.onnx", "m1.eval.onnx"]
+    old = find_entry(index, "m0.dual.onnx", KEY)
+    assert stale_reason(old, KEY, tmp_path) == "ONNX graph changed"
 
 
 @pytest.mark.parametrize("change, expect", [
@@ -69,7 +96,7 @@ def test_digest_is_stable_and_key_sensitive():
 
 
 def test_index_of_another_format_is_ignored(tmp_path):
-    (tmp_path / "index.json").write_text(json.dumps({"format": 0, "entries": {"x": {}}}))
+    (tmp_path / "index.json").write_text(json.dumps({"format": 1, "entries": {"x": {}}}))
     assert load_index(tmp_path)["entries"] == {}
 
 

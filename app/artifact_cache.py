@@ -1,0 +1,138 @@
+"""Export-on-the-fly for `train --model`: artifact directories cached by a hash of the export options.
+
+Exporting takes seconds (tracing, ONNX emission), so repeated runs with the same model reuse the
+directory. The key covers everything the graphs and initial weights depend on: model name and
+config, split, BatchNorm mode, tangents per pass, the dataset's shape and classes, the init seed
+(zoo models draw their init from the global torch RNG), the bytes of a ``--weights`` file and the
+package version (a newer exporter may emit different graphs). A directory is reused only if it
+loads and every graph still matches its checksum; otherwise it is exported again. Exports go to a
+temporary directory that is renamed into place, so an interrupted export never leaves a
+half-written entry behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from asyncfgd.runtime.artifacts import ArtifactError, load_artifacts
+
+CACHE_ENV = "ASYNCFGD_CACHE"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What `asyncfgd-app train --model ...` exports; also the cache key's content."""
+
+    model: str
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    modules: int = 2
+    split: tuple[str, ...] | None = None
+    bn_mode: str = "train"
+    tangents: int = 1
+    seed: int = 0
+    weights: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def key(self) -> str:
+        """16 hex digits of sha256 over the options, the weights file's bytes and the package version."""
+        content = asdict(self)
+        content["weights"] = _file_sha256(Path(self.weights)) if self.weights else None
+        content["asyncfgd"] = version("asyncfgd")
+        blob = json.dumps(content, sort_keys=True, default=list).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def parse_config(items: list[str]) -> dict[str, Any]:
+    """``["hidden=256,128", "width=32"]`` -> ``{"hidden": [256, 128], "width": 32}``.
+
+    A value is JSON (``[128]``, ``0.5``) or, if it contains a comma, a list of JSON items.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--config expects KEY=VALUE (e.g. hidden=256,128), got {item!r}")
+        parts = [p for p in raw.split(",") if p] if "," in raw else None
+        out[key] = [_scalar(p) for p in parts] if parts is not None else _scalar(raw)
+    return out
+
+
+def _scalar(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _file_sha256(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise ValueError(f"cannot read --weights file {path}: {exc.strerror or exc}") from None
+
+
+def cache_root() -> Path:
+    """``$ASYNCFGD_CACHE`` or ``~/.cache/asyncfgd/artifacts``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "asyncfgd" / "artifacts"
+
+
+def is_valid(directory: Path) -> bool:
+    """The directory loads and every graph matches the checksum recorded at export."""
+    try:
+        arts = load_artifacts(directory)
+        for mod in arts.modules:
+            for role in mod.graphs:
+                arts.graph_bytes(mod.index, role)
+    except ArtifactError:
+        return False
+    return True
+
+
+def export(opts: ExportOptions, out_dir: Path) -> None:
+    """Build the zoo model with ``opts.seed``, optionally load weights, and export it (needs torch)."""
+    import torch
+
+    from asyncfgd.exporter.export import export_model
+    from asyncfgd.exporter.models import build_model, load_weights, model_spec
+
+    torch.manual_seed(opts.seed)
+    model = build_model(opts.model, opts.num_classes, opts.input_shape, **opts.config)
+    if opts.weights:
+        for note in load_weights(model, opts.weights, opts.num_classes):
+            print(f"note: {note}", file=sys.stderr)
+    export_model(model, out_dir, opts.input_shape, opts.num_classes, modules=opts.modules,
+                 split_at=list(opts.split) if opts.split else None, bn_mode=opts.bn_mode,
+                 tangents=opts.tangents, model_spec=model_spec(model))
+
+
+def cached_artifacts(opts: ExportOptions) -> Path:
+    """The artifact directory for ``opts``: reused when valid, else exported (atomically) now."""
+    root = cache_root()
+    target = root / opts.key()
+    if is_valid(target):
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"exporting {opts.model} ({opts.modules} modules, {opts.tangents} tangent(s)) to {target}", file=sys.stderr)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
+    try:
+        export(opts, tmp)
+        if target.exists():
+            shutil.rmtree(target)  # an invalid leftover (e.g. a file was damaged)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not is_valid(target):  # else a concurrent run exported the same key first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
