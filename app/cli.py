@@ -1,7 +1,7 @@
 """The `asyncfgd-app` command line (typer)."""
 import typer
 
-from . import doctor
+from . import cmd_bench_pipeline, doctor
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Forward-gradient (AsyncFGD) training without backpropagation.")
 
@@ -14,6 +14,7 @@ def version() -> None:
 
 
 doctor.register(app)
+cmd_bench_pipeline.register(app)
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ class OrtModuleRunner:
                                                     providers=["CPUExecutionProvider"])
                          for role in info.graphs}
         self._bindings = {role: self._bind_state(role, s) for role, s in self.sessions.items()}
-        self._outputs: dict[tuple[str, int], list[dict[str, np.ndarray]]] = {}
+        self._outputs: dict[tuple[str, int], list[dict[str, tuple[np.ndarray, ort.OrtValue]]]] = {}
         self._flip: dict[tuple[str, int], int] = {}
 
     def _bind_state(self, role: str, session: ort.InferenceSession) -> ort.IOBinding:
@@ -53,14 +53,15 @@ class OrtModuleRunner:
                 b.bind_ortvalue_input(i.name, ort.OrtValue.ortvalue_from_numpy(src[name]))
         return b
 
-    def _out_buffers(self, role: str, n: int) -> dict[str, np.ndarray]:
+    def _out_buffers(self, role: str, n: int) -> dict[str, tuple[np.ndarray, ort.OrtValue]]:
+        """This run's output arrays (and their OrtValue views), alternating between two sets."""
         key = (role, n)
         if key not in self._outputs:
-            session = self.sessions[role]
             pair = []
             for _ in range(2):
-                pair.append({o.name: np.empty([n if isinstance(d, str) else d for d in o.shape], np.float32)
-                             for o in session.get_outputs()})
+                bufs = {o.name: np.empty([n if isinstance(d, str) else d for d in o.shape], np.float32)
+                        for o in self.sessions[role].get_outputs()}
+                pair.append({k: (a, ort.OrtValue.ortvalue_from_numpy(a)) for k, a in bufs.items()})
             self._outputs[key], self._flip[key] = pair, 0
         self._flip[key] ^= 1
         return self._outputs[key][self._flip[key]]
@@ -73,10 +74,11 @@ class OrtModuleRunner:
             b.bind_cpu_input("x_dot", np.ascontiguousarray(x_dot, dtype=np.float32))
         if labels is not None and self.is_last and role != "eval":
             b.bind_cpu_input("labels", np.ascontiguousarray(labels, dtype=np.float32))
-        outs = self._out_buffers(role, x.shape[0])
-        for name, arr in outs.items():
-            b.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(arr))
+        bound = self._out_buffers(role, x.shape[0])
+        for name, (_, value) in bound.items():
+            b.bind_ortvalue_output(name, value)
         self.sessions[role].run_with_iobinding(b)
+        outs = {name: arr for name, (arr, _) in bound.items()}
         for name, arr in outs.items():
             if name.startswith("s_new."):
                 np.copyto(self.buffers[name[6:]], arr)

@@ -17,6 +17,7 @@ after the barrier, so results do not depend on thread timing.
 from __future__ import annotations
 
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -194,6 +195,7 @@ class AsyncFGD(_Base):
         self.next_step = 0
         self.handoff: list[_Handoff | None] = [None] * K  # handoff[k]: input waiting for module k
         self.pending: tuple[int, np.ndarray] | None = None  # (step, d) not yet applied
+        self.busy_s = [0.0] * K  # per-module time spent in tick jobs: the pipeline's balance
         self._pool = ThreadPoolExecutor(max_workers=workers or K, thread_name_prefix="asyncfgd-module")
 
     def feed(self, x: np.ndarray, labels: np.ndarray) -> list[StepOutcome]:
@@ -219,15 +221,19 @@ class AsyncFGD(_Base):
             self.pending = None
 
     def _work(self, k: int, job: _Handoff | None) -> tuple[_Handoff, RunResult] | None:
-        if self.pending is not None:
-            self._update(k, *self.pending)
-        if job is None:
-            return None
-        role, _ = self._role(k, job.step)
-        if role != "forward":
-            self._fill(k, job.step)
-        r = self.runners[k]
-        return job, r.run(role, job.h, job.h_dot if role == "dual" else None, job.labels if r.is_last else None)
+        t0 = time.perf_counter()
+        try:
+            if self.pending is not None:
+                self._update(k, *self.pending)
+            if job is None:
+                return None
+            role, _ = self._role(k, job.step)
+            if role != "forward":
+                self._fill(k, job.step)
+            r = self.runners[k]
+            return job, r.run(role, job.h, job.h_dot if role == "dual" else None, job.labels if r.is_last else None)
+        finally:
+            self.busy_s[k] += time.perf_counter() - t0
 
     def _tick(self) -> list[StepOutcome]:
         active = [k for k in range(self.K) if self.handoff[k] is not None or self.pending is not None]

@@ -37,7 +37,6 @@ def unavailable_message(missing: list[str]) -> str:
 def load_trt() -> tuple[ModuleType, ModuleType]:
     """Import ``tensorrt`` and ``pycuda.driver``, initialise CUDA, or raise BackendUnavailable."""
     missing: list[str] = []
-    trt = cuda = None
     try:
         import tensorrt as trt  # noqa: PLC0415 - optional, device-only dependency
         major = int(str(trt.__version__).split(".")[0])

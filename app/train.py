@@ -1,0 +1,339 @@
+"""The training loop behind `asyncfgd-app train`: data stream, learner, metrics, checkpoints.
+
+A *learner* is what trains: the FGD runtime (sync FGD or the AsyncFGD pipeline over the artifact
+graphs) or, for comparison, PyTorch autograd on the same model (``baseline_bp``). The loop only
+feeds mini-batches, collects losses, evaluates once per epoch and checkpoints.
+
+Resumability: batches are a pure function of (seed, epoch, batch index), tangents of (seed,
+step, module), schedules of the step; the checkpoint holds everything else (weights, BN
+statistics, optimizer states, the pipeline's in-flight mini-batches), so a resumed run repeats
+the uninterrupted one bit for bit.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+from tqdm import tqdm
+
+from asyncfgd.runtime.artifacts import Artifacts, load_artifacts
+from asyncfgd.runtime.engine import load_runners, make_scheduler
+from asyncfgd.runtime.scheduler import NonFiniteLoss, Perturbation, StepOutcome, evaluate
+from asyncfgd.runtime.schedules import AlphaSchedule, lr_at
+
+from . import checkpoint, metrics
+from .artifact_cache import ExportOptions, cached_artifacts
+from .data import ArrayDataset, BatchStream, DatasetSplits, load_dataset, one_hot
+
+#: test hook: the process SIGKILLs itself after feeding this many mini-batches in total
+KILL_ENV = "ASYNCFGD_TEST_SIGKILL_AT_STEP"
+EVAL_CHUNK = 512
+
+
+class TrainError(Exception):
+    """The run cannot start or continue as configured; the message says what to change."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C: a checkpoint was saved at the current batch."""
+
+    def __init__(self, run_dir: Path, epoch: int, batch: int) -> None:
+        super().__init__(f"interrupted in epoch {epoch + 1} at batch {batch}; a checkpoint was saved in {run_dir}. "
+                         f"Continue with `asyncfgd-app train --resume {run_dir}`.")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a run (written to ``config.json`` and into every checkpoint)."""
+
+    artifacts: str | None = None
+    model: str = "mlp"
+    modules: int = 2
+    split: list[str] | None = None
+    bn: str = "train"
+    weights: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    data: str = "digits"
+    method: str = "asyncfgd"
+    backend: str = "onnxruntime"
+    optimizer: str = "adam"
+    lr: float = 1e-2
+    lr_schedule: str = "constant"
+    weight_decay: float = 0.0
+    clip_norm: float | None = None
+    epochs: int = 30
+    batch_size: int = 64
+    alpha_preset: str = "paper"
+    alpha_value: float = 1.0
+    alpha_warm_epochs: float = 10.0
+    alpha_ramp_epochs: float = 5.0
+    alpha_target: float = 0.15
+    alphas: list[float] | None = None
+    tangents: int = 1
+    tangent_mode: str = "gaussian"
+    store_tangents: bool = False
+    seed: int = 0
+    threads: int | None = None
+    augment: bool = False
+    run_dir: str = ""
+
+    def alpha_schedule(self) -> AlphaSchedule:
+        return AlphaSchedule(self.alpha_preset, self.alpha_value, self.alpha_warm_epochs, self.alpha_ramp_epochs,
+                             self.alpha_target, tuple(self.alphas) if self.alphas is not None else None)
+
+    def lr_fn(self, steps_per_epoch: int) -> Callable[[int], float]:
+        """Learning rate by step; ``step`` decays 10x at one and two thirds of training."""
+        total = self.epochs * steps_per_epoch
+        step_size = max(math.ceil(total / 3), 1)
+        return lambda s: lr_at(self.lr_schedule, self.lr, s, total, step_size=step_size)
+
+    def optimizer_kw(self) -> dict[str, Any]:
+        return {"weight_decay": self.weight_decay, "clip_norm": self.clip_norm}
+
+
+class Learner(Protocol):
+    """What the loop trains: the FGD runtime or the autograd baseline."""
+
+    def feed(self, x: np.ndarray, onehot: np.ndarray) -> list[StepOutcome]:
+        """Train on one mini-batch; returns the steps whose loss became known."""
+        ...
+
+    def finish(self) -> list[StepOutcome]:
+        """Apply every pending update (end of training)."""
+        ...
+
+    def evaluate(self, x: np.ndarray) -> np.ndarray:
+        """Logits with the current weights, BatchNorm on running statistics."""
+        ...
+
+    def state(self) -> tuple[checkpoint.Arrays, dict[str, Any]]:
+        ...
+
+    def load_state(self, arrays: checkpoint.Arrays, meta: dict[str, Any]) -> None:
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+class FgdLearner:
+    """Sync FGD or AsyncFGD on the runtime (ONNX Runtime or torch backend)."""
+
+    def __init__(self, arts: Artifacts, cfg: TrainConfig, steps_per_epoch: int) -> None:
+        self.runners = load_runners(arts, cfg.backend, cfg.threads)
+        schedule, K = cfg.alpha_schedule(), len(self.runners)
+        schedule.alpha(K - 1, K, 0.0)  # a wrong number of --alphas fails here, before training
+
+        def alpha(module: int, step: int) -> float:
+            return schedule.alpha(module, K, step / steps_per_epoch)
+
+        self.scheduler = make_scheduler(self.runners, cfg.method, cfg.optimizer, cfg.lr_fn(steps_per_epoch), alpha,
+                                        Perturbation(cfg.seed, cfg.tangent_mode, cfg.store_tangents),
+                                        cfg.optimizer_kw())
+
+    def feed(self, x: np.ndarray, onehot: np.ndarray) -> list[StepOutcome]:
+        return self.scheduler.feed(x, onehot)
+
+    def finish(self) -> list[StepOutcome]:
+        return self.scheduler.drain()
+
+    def evaluate(self, x: np.ndarray) -> np.ndarray:
+        self.scheduler.flush()
+        return evaluate(self.runners, x)
+
+    def state(self) -> tuple[checkpoint.Arrays, dict[str, Any]]:
+        return checkpoint.runtime_state(self.runners, self.scheduler)
+
+    def load_state(self, arrays: checkpoint.Arrays, meta: dict[str, Any]) -> None:
+        checkpoint.restore_runtime_state(arrays, meta, self.runners, self.scheduler)
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+
+def check_fit(arts: Artifacts, data: DatasetSplits) -> None:
+    """Artifacts exported for other inputs or another number of classes cannot train on ``data``."""
+    problems = []
+    if tuple(arts.input_shape) != tuple(data.input_shape):
+        problems.append(f"input shape {tuple(arts.input_shape)} vs {tuple(data.input_shape)}")
+    if arts.num_classes != data.num_classes:
+        problems.append(f"{arts.num_classes} classes vs {data.num_classes}")
+    if problems:
+        raise TrainError(
+            f"the artifacts in {arts.root} do not fit dataset {data.name}: {'; '.join(problems)} (artifacts vs "
+            f"data). Re-export for this dataset, e.g. `asyncfgd-app export --model {arts.manifest['model']['name']} "
+            f"--data {data.name} --out DIR`, or let train export on the fly with "
+            f"`--model {arts.manifest['model']['name']}` instead of --artifacts.")
+
+
+def resolve_artifacts(cfg: TrainConfig, data: DatasetSplits) -> Artifacts:
+    """``--artifacts DIR`` as given, or the cached export of ``--model`` for this dataset."""
+    if cfg.artifacts:
+        directory = Path(cfg.artifacts)
+    else:
+        directory = cached_artifacts(ExportOptions(
+            cfg.model, data.num_classes, tuple(data.input_shape), cfg.modules,
+            tuple(cfg.split) if cfg.split else None, cfg.bn, cfg.tangents, cfg.seed, cfg.weights, cfg.config))
+    arts = load_artifacts(directory)
+    check_fit(arts, data)
+    return arts
+
+
+def make_learner(arts: Artifacts, cfg: TrainConfig, steps_per_epoch: int) -> Learner:
+    if cfg.method == "bp":
+        from .baseline_bp import BpLearner  # imports torch
+
+        return BpLearner(arts, cfg, steps_per_epoch)
+    return FgdLearner(arts, cfg, steps_per_epoch)
+
+
+def evaluate_split(learner: Learner, ds: ArrayDataset) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) on a whole split, in chunks to bound memory."""
+    logits = np.concatenate([learner.evaluate(ds.images[i:i + EVAL_CHUNK]) for i in range(0, len(ds), EVAL_CHUNK)])
+    return metrics.cross_entropy(logits, ds.labels), metrics.correct(logits, ds.labels) / len(ds)
+
+
+@dataclass
+class Progress:
+    """Where the run stands; saved in every checkpoint."""
+
+    epoch: int = 0
+    batch: int = 0
+    stats: metrics.EpochStats = field(default_factory=metrics.EpochStats)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    @property
+    def finished_epochs(self) -> int:
+        return len(self.history)
+
+
+class _SigintFlag:
+    """Turns Ctrl-C into a flag the loop checks between mini-batches (never mid-update)."""
+
+    def __enter__(self) -> _SigintFlag:
+        self.raised = False
+        self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, *_: Any) -> None:
+        self.raised = True
+
+    def __exit__(self, *_: Any) -> None:
+        signal.signal(signal.SIGINT, self._old)
+
+
+def _save(run_dir: Path, cfg: TrainConfig, model_spec: dict[str, Any], learner: Learner, progress: Progress,
+          finished: bool) -> None:
+    arrays, learner_meta = learner.state()
+    checkpoint.save(run_dir / checkpoint.FILENAME, arrays, checkpoint.stamp({
+        "config": asdict(cfg), "model_spec": model_spec, "learner": learner_meta, "finished": finished,
+        "position": {"epoch": progress.epoch, "batch": progress.batch}, "stats": progress.stats.to_dict(),
+        "history": progress.history, "elapsed_s": progress.elapsed_s}))
+
+
+def _restore(run_dir: Path, learner: Learner) -> tuple[Progress, bool]:
+    arrays, meta = checkpoint.load(run_dir / checkpoint.FILENAME)
+    learner.load_state(arrays, meta["learner"])
+    pos = meta["position"]
+    return Progress(pos["epoch"], pos["batch"], metrics.EpochStats(**meta["stats"]), meta["history"],
+                    meta["elapsed_s"]), bool(meta["finished"])
+
+
+def saved_config(run_dir: Path) -> TrainConfig:
+    """The configuration of the run in ``run_dir``, from its checkpoint (for --resume)."""
+    _, meta = checkpoint.load(run_dir / checkpoint.FILENAME)
+    return TrainConfig(**meta["config"])
+
+
+def _write_config(run_dir: Path, cfg: TrainConfig, arts: Artifacts, data: DatasetSplits, steps: int) -> None:
+    resolved = {**asdict(cfg), "artifacts_dir": str(arts.root), "model_spec": arts.manifest["model"],
+                "num_modules": len(arts.modules), "artifact_tangents": arts.tangents, "bn_mode": arts.bn_mode,
+                "dataset": {"name": data.name, "train": len(data.train), "test": len(data.test)},
+                "steps_per_epoch": steps, "total_steps": steps * cfg.epochs}
+    (run_dir / "config.json").write_text(json.dumps(resolved, indent=1) + "\n")
+
+
+def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = print) -> float:
+    """Run (or continue) training; returns the final test accuracy."""
+    run_dir = Path(cfg.run_dir)
+    if not resume and (run_dir / checkpoint.FILENAME).exists():
+        raise TrainError(f"{run_dir} already holds a run; continue it with `--resume {run_dir}` or pick another "
+                         f"--run-dir.")
+    data = load_dataset(cfg.data)
+    arts = resolve_artifacts(cfg, data)
+    stream = BatchStream(data.train, cfg.batch_size, cfg.seed, shuffle=True, augment=cfg.augment)
+    steps = len(stream)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_config(run_dir, cfg, arts, data, steps)
+    learner = make_learner(arts, cfg, steps)
+    try:
+        progress, finished = _restore(run_dir, learner) if resume else (Progress(), False)
+        if finished and progress.finished_epochs >= cfg.epochs:
+            log(f"{run_dir} finished all {cfg.epochs} epochs already.")
+        else:
+            _loop(cfg, run_dir, data, stream, learner, progress, log, arts.manifest["model"])
+        return progress.history[-1]["test_acc"]
+    except NonFiniteLoss as exc:
+        kept = (f"the last good checkpoint (after epoch {progress.finished_epochs}) in {run_dir} is kept"
+                if (run_dir / checkpoint.FILENAME).exists() else "no checkpoint had been written yet")
+        raise TrainError(f"training diverged: {exc}. No update was applied for that step and {kept}. Lower the "
+                         f"learning rate, e.g. by 10x (--lr {cfg.lr / 10:g}), or bound each update with --clip-norm "
+                         f"(e.g. 1.0), and start a new run.") from None
+    finally:
+        learner.close()
+
+
+def _loop(cfg: TrainConfig, run_dir: Path, data: DatasetSplits, stream: BatchStream, learner: Learner,
+          progress: Progress, log: Callable[[str], None], model_spec: dict[str, Any]) -> None:
+    kill_at = int(os.environ.get(KILL_ENV, "0"))
+    fed_total = progress.epoch * len(stream) + progress.batch
+    started = time.perf_counter() - progress.elapsed_s
+    with _SigintFlag() as sigint:
+        for epoch in range(progress.epoch, cfg.epochs):
+            stats = progress.stats
+            bar = tqdm(total=len(stream), initial=progress.batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       unit="batch", leave=False, dynamic_ncols=True)
+            tick = time.perf_counter()
+            for i, (x, y) in enumerate(stream.epoch(epoch, progress.batch), start=progress.batch):
+                for out in learner.feed(x, one_hot(y, data.num_classes)):
+                    stats.add(out.loss, out.logits, out.labels)
+                stats.fed += len(y)
+                fed_total += 1
+                if fed_total == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                now = time.perf_counter()
+                stats.seconds, tick = stats.seconds + now - tick, now
+                bar.update()
+                bar.set_postfix(loss=f"{stats.loss:.3f}", acc=f"{stats.acc:.1%}", samples_s=f"{stats.samples_per_s:.0f}")
+                if sigint.raised:
+                    bar.close()
+                    progress.epoch, progress.batch = epoch, i + 1
+                    progress.elapsed_s = time.perf_counter() - started
+                    _save(run_dir, cfg, model_spec, learner, progress, finished=False)
+                    raise Interrupted(run_dir, epoch, i + 1)
+            bar.close()
+            last = epoch == cfg.epochs - 1
+            if last:
+                for out in learner.finish():
+                    stats.add(out.loss, out.logits, out.labels)
+            test_loss, test_acc = evaluate_split(learner, data.test)
+            progress.elapsed_s = time.perf_counter() - started
+            progress.history.append({
+                "epoch": epoch + 1, "train_loss": round(stats.loss, 6), "train_acc": round(stats.acc, 6),
+                "test_loss": round(test_loss, 6), "test_acc": round(test_acc, 6),
+                "samples_per_s": round(stats.samples_per_s, 1), "wall_s": round(progress.elapsed_s, 3),
+                "peak_rss_mb": round(metrics.peak_rss_mb(), 1)})
+            progress.epoch, progress.batch, progress.stats = epoch + 1, 0, metrics.EpochStats()
+            _save(run_dir, cfg, model_spec, learner, progress, finished=last)
+            metrics.write_csv(run_dir / "metrics.csv", progress.history)
+            metrics.plot(run_dir / "curves.png", progress.history, f"{model_spec['name']} - {cfg.method}")
+            log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats.loss:.4f} acc {stats.acc:.1%} | test loss "
+                f"{test_loss:.4f} acc {test_acc:.1%} | {stats.samples_per_s:.0f} samples/s")
