@@ -1,7 +1,7 @@
 """The `asyncfgd-app` command line (typer)."""
 import typer
 
-from . import cmd_bench_pipeline, doctor
+from . import cmd_bench_pipeline, cmd_train, doctor
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Forward-gradient (AsyncFGD) training without backpropagation.")
 
@@ -15,6 +15,7 @@ def version() -> None:
 
 doctor.register(app)
 cmd_bench_pipeline.register(app)
+cmd_train.register(app)
 
 
 def main() -> None:

@@ -25,6 +25,8 @@ def register(app: typer.Typer) -> None:
         repeats: int = typer.Option(3, help="Interleaved repeats per method (median reported)."),
         warmup: int = typer.Option(3, help="Untimed steps per method before timing."),
         store_tangents: bool = typer.Option(False, help="Keep tangents in a ring instead of regenerating them."),
+        backend: str = typer.Option("onnxruntime", help="onnxruntime (CPU threads) or torch-cuda (one CUDA "
+                                    "stream per module; needs a GPU)."),
     ) -> None:
         from asyncfgd.app.benchmarks import TrainingLoop, interleaved
         from asyncfgd.exporter.export import export_model
@@ -42,15 +44,18 @@ def register(app: typer.Typer) -> None:
                     dirs[k] = Path(tmp) / f"{name}-k{k}"
                     export_model(model, dirs[k], (3, 32, 32), 10, modules=k, model_spec=model_spec(model))
                 for b in [int(v) for v in batches.split(",")]:
+                    kw = {"store_tangents": store_tangents, "backend": backend}
                     loops = {
-                        "fgd-1t": TrainingLoop(dirs[1], "fgd", b, threads=1, store_tangents=store_tangents),
-                        "fgd-2t": TrainingLoop(dirs[1], "fgd", b, threads=2, store_tangents=store_tangents),
-                        "async": TrainingLoop(dirs[modules], "asyncfgd", b, threads=1, store_tangents=store_tangents),
+                        "fgd-1t": TrainingLoop(dirs[1], "fgd", b, threads=1, **kw),
+                        "fgd-2t": TrainingLoop(dirs[1], "fgd", b, threads=2, **kw),
+                        "async": TrainingLoop(dirs[modules], "asyncfgd", b, threads=1, **kw),
                     }
+                    if backend != "onnxruntime":  # threads mean nothing on a GPU
+                        del loops["fgd-2t"]
                     res = interleaved(loops, steps, warmup, repeats)
                     for loop in loops.values():
                         loop.close()
-                    best = max(("fgd-1t", "fgd-2t"), key=lambda k: res[k].samples_per_s)
+                    best = max((k for k in res if k.startswith("fgd")), key=lambda k: res[k].samples_per_s)
                     a = res["async"]
                     bound = b / max(a.busy_s)
                     rows.append((name, b, best, res[best], a, a.samples_per_s / res[best].samples_per_s,

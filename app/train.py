@@ -312,7 +312,8 @@ def _loop(cfg: TrainConfig, run_dir: Path, data: DatasetSplits, stream: BatchStr
                 now = time.perf_counter()
                 stats.seconds, tick = stats.seconds + now - tick, now
                 bar.update()
-                bar.set_postfix(loss=f"{stats.loss:.3f}", acc=f"{stats.acc:.1%}", samples_s=f"{stats.samples_per_s:.0f}")
+                bar.set_postfix(loss=f"{stats.loss:.3f}", acc=f"{stats.acc:.1%}", samples_s=f"{stats.samples_per_s:.0f}",
+                                refresh=False)
                 if sigint.raised:
                     bar.close()
                     progress.epoch, progress.batch = epoch, i + 1

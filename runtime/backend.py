@@ -37,6 +37,8 @@ class RunResult:
     loss: Any = None
     loss_dot: Any = None
     logits: Any = None
+    #: device event marking the outputs complete (CUDA backends); the consumer waits on it
+    ready: Any = None
 
 
 class ModuleRunner(Protocol):
@@ -76,8 +78,13 @@ class ModuleRunner(Protocol):
     def upload_scratch(self) -> None:
         ...
 
-    def run(self, role: str, x: Any, x_dot: Any = None, labels: Any = None) -> RunResult:
-        """Run one graph role on a batch; ``x``/``x_dot`` come from the previous module."""
+    def run(self, role: str, x: Any, x_dot: Any = None, labels: Any = None, ready: Any = None) -> RunResult:
+        """Run one graph role on a batch; ``x``/``x_dot`` come from the previous module, whose
+        ``RunResult.ready`` event (if any) is passed as ``ready`` so the device waits for exactly that."""
+        ...
+
+    def device_context(self) -> Any:
+        """Context in which this module's optimizer math runs (its CUDA stream; a no-op on CPU)."""
         ...
 
     def from_host(self, dst: Any, src: np.ndarray) -> None:

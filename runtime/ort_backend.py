@@ -8,6 +8,7 @@ while this module writes the other buffer.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -67,7 +68,7 @@ class OrtModuleRunner:
         return self._outputs[key][self._flip[key]]
 
     def run(self, role: str, x: np.ndarray, x_dot: np.ndarray | None = None,
-            labels: np.ndarray | None = None) -> RunResult:
+            labels: np.ndarray | None = None, ready: Any = None) -> RunResult:
         b = self._bindings[role]
         b.bind_cpu_input("x", np.ascontiguousarray(x, dtype=np.float32))
         if role == "dual":
@@ -84,6 +85,9 @@ class OrtModuleRunner:
                 np.copyto(self.buffers[name[6:]], arr)
         return RunResult(y=outs.get("y"), y_dot=outs.get("y_dot"), loss=outs.get("loss"),
                          loss_dot=outs.get("loss_dot"), logits=outs.get("logits"))
+
+    def device_context(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
 
     def tangent_host(self) -> list[np.ndarray]:
         return list(self.tangents.values())

@@ -112,12 +112,13 @@ class _Base:
         xp = r.xp
         tangents = self._tangents_for(k, step)
         m = len(d)
-        for name, g in r.grads.items():
-            u = tangents[name]
-            xp.multiply(u[0], float(d[0]) / m, out=g)
-            for j in range(1, m):
-                g += u[j] * (float(d[j]) / m)
-        self.optimizers[k].step(r.grads, self.lr(step))
+        with r.device_context():
+            for name, g in r.grads.items():
+                u = tangents[name]
+                xp.multiply(u[0], float(d[0]) / m, out=g)
+                for j in range(1, m):
+                    g += u[j] * (float(d[j]) / m)
+            self.optimizers[k].step(r.grads, self.lr(step))
 
     @staticmethod
     def _check(step: int, res: RunResult, to_host: Callable[[Any], np.ndarray]) -> tuple[float, np.ndarray | None]:
@@ -141,13 +142,13 @@ class SyncFGD(_Base):
 
     def feed(self, x: np.ndarray, labels: np.ndarray) -> list[StepOutcome]:
         s = self.next_step
-        h, hd = x, None
+        h, hd, ready = x, None, None
         for k, r in enumerate(self.runners):
             role, perturbed = self._role(k, s)
             if role != "forward":
                 self._fill(k, s)
-            res = r.run(role, h, hd, labels if r.is_last else None)
-            h, hd = (res.logits, None) if r.is_last else (res.y, res.y_dot)
+            res = r.run(role, h, hd, labels if r.is_last else None, ready=ready)
+            h, hd, ready = res.y, res.y_dot, res.ready
         last = self.runners[-1]
         loss, d = self._check(s, res, last.to_host)
         if d is not None:
@@ -177,6 +178,7 @@ class _Handoff:
     h: Any
     h_dot: Any
     labels: np.ndarray
+    ready: Any = None  # device event of the producing run
 
 
 class AsyncFGD(_Base):
@@ -231,7 +233,8 @@ class AsyncFGD(_Base):
             if role != "forward":
                 self._fill(k, job.step)
             r = self.runners[k]
-            return job, r.run(role, job.h, job.h_dot if role == "dual" else None, job.labels if r.is_last else None)
+            return job, r.run(role, job.h, job.h_dot if role == "dual" else None, job.labels if r.is_last else None,
+                              ready=job.ready)
         finally:
             self.busy_s[k] += time.perf_counter() - t0
 
@@ -246,7 +249,7 @@ class AsyncFGD(_Base):
                 continue
             job, res = done
             if k < self.K - 1:
-                self.handoff[k + 1] = _Handoff(job.step, res.y, res.y_dot, job.labels)
+                self.handoff[k + 1] = _Handoff(job.step, res.y, res.y_dot, job.labels, res.ready)
                 continue
             last = self.runners[k]
             loss, d = self._check(job.step, res, last.to_host)
@@ -279,8 +282,8 @@ class AsyncFGD(_Base):
 
 def evaluate(runners: Sequence[ModuleRunner], x: np.ndarray) -> np.ndarray:
     """Logits from the eval graphs with the runners' weights (call the scheduler's ``flush()`` first)."""
-    h = x
+    h, ready = x, None
     for r in runners:
-        res = r.run("eval", h)
-        h = res.logits if r.is_last else res.y
+        res = r.run("eval", h, ready=ready)
+        h, ready = (res.logits if r.is_last else res.y), res.ready
     return runners[-1].to_host(h)

@@ -4,9 +4,15 @@ It executes the very rules the ONNX graphs were emitted from (``exporter.graphs.
 with ``TorchOps``), so the scheduler can be checked bit for bit against the reference, and it
 is the GPU path that runs where TensorRT is not available. torch is imported only when this
 backend is chosen; the rest of the runtime never imports it.
+
+On CUDA each module owns a stream: its runs, tangent uploads and optimizer updates are enqueued
+there, a run waits on the event of the run that produced its input (not on the producer's later
+work), and the host only synchronises to read the loss. TF32 is switched off so fp32 results stay
+comparable with the reference. CUDA-graph capture is not implemented.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -43,10 +49,15 @@ class TorchModuleRunner:
         self._tangent_host = [stage(t) for t in self.tangents.values()]
         self._scratch_host = [stage(t) for t in self.scratch.values()]
         self._on_cpu = on_cpu
+        self.stream = None if on_cpu else torch.cuda.Stream(self.device)
+        # an upload's event must complete before its pinned host buffer is refilled
+        self._uploaded = {"tangents": None, "scratch": None}
 
-    def run(self, role: str, x: Any, x_dot: Any = None, labels: Any = None) -> RunResult:
+    def run(self, role: str, x: Any, x_dot: Any = None, labels: Any = None, ready: Any = None) -> RunResult:
         torch = self.torch
-        with torch.no_grad():
+        with torch.no_grad(), self.device_context():
+            if ready is not None:
+                self.stream.wait_event(ready)
             x = self._as_tensor(x)
             x_dot = None if x_dot is None else self._as_tensor(x_dot)
             labels = None if labels is None else self._as_tensor(labels)
@@ -55,8 +66,15 @@ class TorchModuleRunner:
             for name, v in out.items():
                 if name.startswith("s_new."):
                     self.buffers[name[6:]].copy_(v)
+            done = None
+            if self.stream is not None:
+                done = torch.cuda.Event()
+                done.record(self.stream)
         return RunResult(y=out.get("y"), y_dot=out.get("y_dot"), loss=out.get("loss"),
-                         loss_dot=out.get("loss_dot"), logits=out.get("logits"))
+                         loss_dot=out.get("loss_dot"), logits=out.get("logits"), ready=done)
+
+    def device_context(self) -> Any:
+        return contextlib.nullcontext() if self.stream is None else self.torch.cuda.stream(self.stream)
 
     def _as_tensor(self, a: Any) -> Any:
         if isinstance(a, np.ndarray):
@@ -64,32 +82,58 @@ class TorchModuleRunner:
         return a
 
     def tangent_host(self) -> list[np.ndarray]:
+        self._wait_upload("tangents")
         return self._tangent_host
 
     def scratch_host(self) -> list[np.ndarray]:
+        self._wait_upload("scratch")
         return self._scratch_host
 
     def upload_tangents(self) -> None:
-        if not self._on_cpu:
-            for t, h in zip(self.tangents.values(), self._tangent_host):
-                t.copy_(self.torch.from_numpy(h), non_blocking=True)
+        self._upload("tangents", self.tangents, self._tangent_host)
 
     def upload_scratch(self) -> None:
-        if not self._on_cpu:
-            for t, h in zip(self.scratch.values(), self._scratch_host):
+        self._upload("scratch", self.scratch, self._scratch_host)
+
+    def _upload(self, kind: str, dst: dict[str, Any], host: list[np.ndarray]) -> None:
+        """Asynchronous pinned host → device copy on this module's stream."""
+        if self._on_cpu:
+            return
+        with self.device_context():
+            for t, h in zip(dst.values(), host):
                 t.copy_(self.torch.from_numpy(h), non_blocking=True)
+            ev = self.torch.cuda.Event()
+            ev.record(self.stream)
+        self._uploaded[kind] = ev
+
+    def _wait_upload(self, kind: str) -> None:
+        ev = self._uploaded.get(kind)
+        if ev is not None:
+            ev.synchronize()
 
     def from_host(self, dst: Any, src: np.ndarray) -> None:
         dst.copy_(self.torch.from_numpy(np.ascontiguousarray(src, dtype=np.float32)))
 
     def to_host(self, a: Any) -> np.ndarray:
-        return a.detach().cpu().numpy().copy() if hasattr(a, "detach") else np.array(a, copy=True)
+        if not hasattr(a, "detach"):
+            return np.array(a, copy=True)
+        if self.stream is not None:
+            self.stream.synchronize()
+        return a.detach().cpu().numpy().copy()
 
 
 class TorchBackend:
     name = "torch"
 
     def __init__(self, device: str = "cpu") -> None:
+        import torch
+
+        if device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise RuntimeError("the torch-cuda backend needs a CUDA GPU and a CUDA build of torch; "
+                                   "`asyncfgd-app doctor` shows what this machine has")
+            torch.backends.cuda.matmul.allow_tf32 = False  # fp32 must stay comparable with the reference
+            torch.backends.cudnn.allow_tf32 = False
         self.device = device
 
     def load_module(self, artifacts: Artifacts, index: int, tangents: int, threads: int | None) -> TorchModuleRunner:

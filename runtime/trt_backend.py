@@ -142,7 +142,7 @@ class TrtModuleRunner:
 
     # --- protocol -------------------------------------------------------------------------
 
-    def run(self, role: str, x: Any, x_dot: Any = None, labels: Any = None) -> RunResult:
+    def run(self, role: str, x: Any, x_dot: Any = None, labels: Any = None, ready: Any = None) -> RunResult:
         """Enqueue one graph on this module's stream; results are device arrays (not synced)."""
         ensure_context(self._cuda)
         if role not in self._contexts:
@@ -224,6 +224,13 @@ class TrtModuleRunner:
         self._uploaded[kind].record(self.stream)
 
     # --- device-side scheduling -----------------------------------------------------------
+
+    def device_context(self) -> Any:
+        """GPUArray math runs on the legacy default stream, which orders itself after this module's
+        stream work (correct, but not overlapped with other modules; never measured)."""
+        import contextlib
+
+        return contextlib.nullcontext()
 
     def record_event(self) -> Any:
         """An event that completes when everything enqueued so far on this module has run."""
