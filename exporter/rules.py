@@ -263,8 +263,10 @@ def gelu(ops, node, xs, xds, p, u, s, ctx) -> RuleOut:
 def maxpool2d(ops, node, xs, xds, p, u, s, ctx) -> RuleOut:
     """ẏ = ẋ at the window's first maximum, found with ArgMax over explicit window patches.
 
-    MaxPool's ``Indices`` output would be simpler but TensorRT does not parse it, so the windows
-    are gathered by a one-hot depthwise conv (exact: each patch value is x·1 + Σ 0·x).
+    MaxPool's ``Indices`` output would be simpler but TensorRT does not parse it, so windows are
+    laid out explicitly: by reshape/transpose when they tile the input (kernel = stride), else by
+    a one-hot depthwise conv. ArgMax picks the first maximum in row-major window order, as
+    PyTorch's max-pool does.
     """
     (x,), (xd,) = xs, xds
     a = node.attrs
@@ -272,11 +274,37 @@ def maxpool2d(ops, node, xs, xds, p, u, s, ctx) -> RuleOut:
     if not ctx.dual or xd is None:
         return y, None, {}
     kh, kw = a["kernel"]
-    eye = np.eye(kh * kw, dtype=np.float32).reshape(kh * kw, 1, kh, kw)
     n_c, h, w = ops.shape(x)[1:]
+    if list(a["stride"]) == [kh, kw] and a["padding"] == [0, 0] and a["dilation"] == [1, 1] \
+            and h % kh == 0 and w % kw == 0:
+        patches = _window_patches_reshape(ops, kh, kw, n_c, h, w)
+        axis, out_axes = 4, [5]  # patches (N, C, Ho, Wo, k²): window last and contiguous
+    else:
+        patches = _window_patches_conv(ops, a, kh, kw, n_c, h, w)
+        axis, out_axes = 2, [3]  # patches (N, C, k², Ho, Wo)
+    onehot = ops.argmax_onehot(patches(x, -3.0e38), axis)
+    yd = ops.sum(ops.mul(split_m(ops, patches(merge_m(ops, xd), 0.0), ctx.m), onehot), out_axes, keepdims=False)
+    return y, yd, {}
+
+
+def _window_patches_reshape(ops, kh: int, kw: int, n_c: int, h: int, w: int):
+    """Non-overlapping windows as (N, C, Ho, Wo, kh·kw) by reshape + transpose (cheap, exact)."""
+    ho, wo = h // kh, w // kw
+
+    def patches(t, fill):
+        t = ops.reshape(t, [-1, n_c, ho, kh, wo, kw])
+        t = ops.transpose(t, [0, 1, 2, 4, 3, 5])
+        return ops.reshape(t, [-1, n_c, ho, wo, kh * kw])
+
+    return patches
+
+
+def _window_patches_conv(ops, a, kh: int, kw: int, n_c: int, h: int, w: int):
+    """Any windows as (N, C, kh·kw, Ho, Wo) via a one-hot depthwise conv (exact: x·1 + Σ 0·x)."""
+    eye = np.eye(kh * kw, dtype=np.float32).reshape(kh * kw, 1, kh, kw)
     ph, pw = a["padding"]
-    extra_h, extra_w = _ceil_extra(h, kh, a["stride"][0], ph, a["dilation"][0], a["ceil_mode"]), \
-        _ceil_extra(w, kw, a["stride"][1], pw, a["dilation"][1], a["ceil_mode"])
+    extra_h = _ceil_extra(h, kh, a["stride"][0], ph, a["dilation"][0], a["ceil_mode"])
+    extra_w = _ceil_extra(w, kw, a["stride"][1], pw, a["dilation"][1], a["ceil_mode"])
 
     def patches(t, fill):
         t = ops.reshape(t, [-1, 1, h, w])
@@ -285,9 +313,7 @@ def maxpool2d(ops, node, xs, xds, p, u, s, ctx) -> RuleOut:
         t = ops.conv(t, ops.const(eye), None, a["stride"], [0, 0], a["dilation"], 1)
         return ops.reshape(t, [-1, n_c, kh * kw, *ops.shape(t)[2:]])
 
-    onehot = ops.argmax_onehot(patches(x, -3.0e38), 2)  # (N, C, k², Ho, Wo)
-    yd = ops.sum(ops.mul(split_m(ops, patches(merge_m(ops, xd), 0.0), ctx.m), onehot), [3], keepdims=False)
-    return y, yd, {}
+    return patches
 
 
 def _ceil_extra(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:

@@ -3,21 +3,33 @@
 The graphs are emitted from our own dual rules, and a wrong rule yields plausible but wrong
 tangents: training then degrades silently. So every graph is run in ONNX Runtime on random
 inputs and compared with ``torch.func.jvp`` over the model's *own* nn.Module layers
-(reference_modules), and the whole chain's ``loss_dot`` with the autograd gradient dotted with
-the weight tangents. ``loss_dot`` is a sum of terms that cancel, so its error is measured
-relative to the sum of the terms' magnitudes, not to its own value (shared/TOOLCHAIN.md).
+(reference_modules), and the chained ``loss_dot`` with the autograd gradient dotted with the
+weight tangents. Errors are max|a − b| / max|b|, except ``loss_dot``, a sum of cancelling
+terms, whose error is relative to the sum of the terms' magnitudes (shared/TOOLCHAIN.md).
+
+Two float32 effects are not graph bugs and are told apart from them:
+
+- Conditioning: train-mode BatchNorm over a handful of values (batch 1, 2×2 maps) amplifies
+  rounding; PyTorch's own float32 is then off by 1e-3. Each quantity's threshold is
+  max(tol, KAPPA × the error of the same model run in float32 PyTorch on the same inputs).
+- Kinks: a ReLU input within rounding of 0 (or a MaxPool near-tie) can take the other branch
+  in float32, changing one sample's tangent by O(1). A sample over its threshold is excused
+  if the float64 pass put a kink within KINK_DELTA of it (at most a quarter of the batch);
+  a row failing with kinks present is re-drawn (up to ATTEMPTS). A real bug hits every
+  sample and every draw.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call
 
 from asyncfgd.runtime.artifacts import Artifacts, ModuleInfo, load_artifacts
@@ -25,12 +37,17 @@ from asyncfgd.runtime.artifacts import Artifacts, ModuleInfo, load_artifacts
 from .export import module_specs
 from .graphs import ROLES
 from .models import build_model
+from .program import Node
 from .reference_modules import cross_entropy, jvp_module, segment_fn, set_bn_training
 from .split import ModuleSpec
 from .trt_check import check_trt_compat
 
 DUAL_ROLES = ("dual", "dual_first")
 NA_SINGLE_VALUE = "n/a (train BN over 1 value)"
+KAPPA = 10.0  # allowed multiple of float32 PyTorch's own error
+KINK_DELTA = 1e-5  # a kink this close (relative to the layer's max |input|) may flip in float32
+ATTEMPTS = 3
+_PER_SAMPLE = ("y", "y_dot", "logits")  # outputs with a batch axis (y_dot: axis 1)
 
 
 @dataclass
@@ -40,9 +57,10 @@ class ValidationRow:
     module: str
     role: str
     batch: int
-    err_y: float | None  # max relative error of the primal outputs (y | logits, loss; s_new.*)
-    err_dot: float | None  # max relative error of ẏ, or of loss_dot relative to Σ|terms|
-    status: str  # "pass" | "FAIL" | NA_SINGLE_VALUE
+    err_y: float | None = None  # max relative error of the primal outputs (y | logits, loss; s_new.*)
+    err_dot: float | None = None  # relative error of ẏ, or of loss_dot relative to Σ|terms|
+    floor: float | None = None  # the same error of float32 PyTorch (ẏ / dloss)
+    status: str = ""  # "pass[ (note)]" | "FAIL" | NA_SINGLE_VALUE
 
 
 @dataclass
@@ -61,13 +79,15 @@ class ValidationReport:
         def fmt(v: float | None) -> str:
             return "-" if v is None else f"{v:.1e}"
 
-        head = f"{'module':>6}  {'role':<10}  {'batch':>5}  {'rel err y':>9}  {'rel err ẏ/dloss':>15}  result"
-        lines = [head, "-" * len(head)]
-        lines += [f"{r.module:>6}  {r.role:<10}  {r.batch:>5}  {fmt(r.err_y):>9}  {fmt(r.err_dot):>15}  {r.status}"
-                  for r in self.rows]
+        head = f"{'module':>6}  {'role':<10}  {'batch':>5}  {'rel err y':>9}  {'rel err ẏ/dloss':>15}  " \
+               f"{'f32 torch':>9}  result"
+        lines = [head, "-" * (len(head) + 8)]
+        lines += [f"{r.module:>6}  {r.role:<10}  {r.batch:>5}  {fmt(r.err_y):>9}  {fmt(r.err_dot):>15}  "
+                  f"{fmt(r.floor):>9}  {r.status}" for r in self.rows]
         lines += [f"error: {e}" for e in self.errors] + [f"warning: {w}" for w in self.warnings]
         verdict = "PASSED" if self.passed else "FAILED"
-        lines.append(f"{verdict} (tolerance {self.tol:g}; loss_dot relative to the sum of |terms|)")
+        lines.append(f"{verdict}: threshold max({self.tol:g}, {KAPPA:g} x float32 torch error); "
+                     f"loss_dot relative to the sum of |terms|")
         return "\n".join(lines)
 
 
@@ -76,22 +96,18 @@ def validate_artifacts(artifacts_dir: str | Path, model: torch.nn.Module | None 
     """Validate every graph of ``artifacts_dir`` and the end-to-end dloss at each batch size.
 
     ``model`` is needed only for user-defined ("custom") models; zoo models are rebuilt from
-    the manifest. The artifact's weights are loaded into a float64 copy, never into ``model``.
+    the manifest. The artifact's weights are loaded into float64/float32 copies, never into ``model``.
     """
     arts = load_artifacts(artifacts_dir)
-    ref = reference_model(arts, model)
-    specs = module_specs(arts.manifest)
+    check = _Checker(arts, reference_model(arts, model), module_specs(arts.manifest), tol)
     report = ValidationReport([], tol)
-    sessions: dict[tuple[int, str], ort.InferenceSession] = {}
     for info in arts.modules:
         for role in info.graphs:
-            sessions[info.index, role] = _open_checked(arts, info, role, report)
-    for info, mod in zip(arts.modules, specs):
+            check.sessions[info.index, role] = _open_checked(arts, info, role, report)
+    for info, mod in zip(arts.modules, check.specs):
         for role in info.graphs:
-            for n in batch_sizes:
-                report.rows.append(_module_row(arts, ref, info, mod, role, sessions[info.index, role], n, seed, tol))
-    for n in batch_sizes:
-        report.rows.append(_end_to_end_row(arts, ref, specs, sessions, n, seed, tol))
+            report.rows += [check.retrying(lambda s: check.module_row(info, mod, role, n, s), seed) for n in batch_sizes]
+    report.rows += [check.retrying(lambda s: check.end_to_end_row(n, s), seed) for n in batch_sizes]
     return report
 
 
@@ -138,7 +154,7 @@ def _open_checked(arts: Artifacts, info: ModuleInfo, role: str, report: Validati
 
 @dataclass
 class _Inputs:
-    """One set of random graph inputs, float32 (what ORT sees); the reference uses them in float64."""
+    """One set of random graph inputs, float32 (what ORT sees); the references convert them."""
 
     x: np.ndarray
     x_dot: np.ndarray | None
@@ -177,116 +193,219 @@ def _feeds(arts: Artifacts, info: ModuleInfo, role: str, x: np.ndarray, x_dot: n
     return feeds
 
 
-def _rng(seed: int, *keys: int) -> np.random.Generator:
-    """A stream per (module, role, batch): a row's inputs do not depend on which rows ran before."""
-    return np.random.default_rng([seed, *keys])
+def _run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
 
 
-def _t(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(a)).double()
+# --------------------------------------------------------------------------- references
 
 
-# --------------------------------------------------------------------------- per-module rows
+def _reference(model: torch.nn.Module, mod: ModuleSpec, info: ModuleInfo, role: str, bn_train: bool,
+               inp: _Inputs, m: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A graph's outputs (contract names) computed by the model's own layers, in the model's dtype.
+
+    Also returns each output's error scale: max|output|, or for loss_dot the per-tangent
+    mean over the batch of Σ_c |(softmax − onehot)_c · ż_c|.
+    """
+    dtype = next(model.parameters()).dtype
+
+    def cv(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(a)).to(dtype)
+
+    set_bn_training(model, bn_train)
+    state = model.state_dict()  # the artifact's weights, in the model's dtype
+    x, params = cv(inp.x), {q: state[q] for q in info.param_names}
+    stats = {q: cv(inp.stats[q]) for q in info.buffer_names}  # train-mode BN updates them: s_new
+    y_dot = None
+    if role in DUAL_ROLES:
+        pairs = [jvp_module(model, mod, x, None if inp.x_dot is None else cv(inp.x_dot[j]), params,
+                            {q: cv(inp.tangents[q][j]) for q in info.param_names},
+                            stats if j == 0 else {q: v.clone() for q, v in stats.items()}) for j in range(m)]
+        y, y_dot = pairs[0][0], torch.stack([yd for _, yd in pairs])
+    else:
+        with torch.no_grad():
+            y = segment_fn(model, mod)(x, params, stats)
+    out = {f"s_new.{q}": v for q, v in stats.items()} if bn_train else {}
+    scales: dict[str, torch.Tensor] = {}
+    if not info.is_last:
+        out.update({"y": y} if y_dot is None else {"y": y, "y_dot": y_dot})
+    else:
+        out["logits"] = y
+        if role != "eval":
+            labels = torch.from_numpy(inp.labels)
+            out["loss"] = cross_entropy(y, labels)
+            if y_dot is not None:
+                out["loss_dot"] = torch.stack([torch.func.jvp(lambda z: cross_entropy(z, labels), (y,), (zd,))[1]
+                                               for zd in y_dot])
+                resid = torch.softmax(y, 1) - F.one_hot(labels, y.shape[1]).to(dtype)
+                scales["loss_dot"] = (resid * y_dot).abs().sum(2).mean(1)
+    out = {k: v.detach().double() for k, v in out.items()}
+    scales = {k: scales[k].detach().double() if k in scales else v.abs().max() for k, v in out.items()}
+    return out, scales
+
+
+def _grad_dot(model: torch.nn.Module, arts: Artifacts, inp: _Inputs, bn_train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(∇L·u_j, Σ_i |∇L_i·u_ij|) per tangent j, by autograd through the model's own forward."""
+    dtype = next(model.parameters()).dtype
+    set_bn_training(model, bn_train)
+    names = [q for info in arts.modules for q in info.param_names]
+    state = model.state_dict()
+    params = {q: state[q].detach().clone().requires_grad_() for q in names}
+    buffers = {q: torch.from_numpy(v).to(dtype) for q, v in inp.stats.items()}
+    logits = functional_call(model, {**params, **buffers}, (torch.from_numpy(inp.x).to(dtype),))
+    grads = torch.autograd.grad(cross_entropy(logits, torch.from_numpy(inp.labels)), list(params.values()))
+    dots, scales = [], []
+    for j in range(arts.tangents):
+        terms = [g.double() * torch.from_numpy(inp.tangents[q][j]).double() for g, q in zip(grads, names)]
+        dots.append(sum(t.sum() for t in terms))
+        scales.append(sum(t.abs().sum() for t in terms))
+    return torch.stack(dots), torch.stack(scales)
+
+
+# --------------------------------------------------------------------------- kinks
+
+
+def _kink_samples(model: torch.nn.Module, nodes: list[Node], n: int, run: Callable[[], Any]) -> torch.Tensor:
+    """Per sample: did ``run()`` (a float64 primal pass) meet a ReLU/ReLU6 kink or MaxPool near-tie?"""
+    flags = torch.zeros(n, dtype=torch.bool)
+
+    def near(v: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return (v.abs() <= KINK_DELTA * scale).flatten(1).any(1)
+
+    def hook_for(node: Node) -> Callable[..., None]:
+        def hook(layer: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+            x = args[0].detach()
+            s = x.abs().max()
+            if node.op == "relu":
+                flags.logical_or_(near(x, s))
+            elif node.op == "relu6":
+                flags.logical_or_(near(x, s) | near(x - 6.0, s))
+            else:
+                flags.logical_or_(near(_maxpool_gap(x, node, out.shape[-2:]), s))
+        return hook
+
+    handles = [model.get_submodule(nd.name).register_forward_hook(hook_for(nd))
+               for nd in nodes if nd.op in ("relu", "relu6", "maxpool2d")]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return flags
+
+
+def _maxpool_gap(x: torch.Tensor, node: Node, out_hw: torch.Size) -> torch.Tensor:
+    """Gap between the largest and second-largest value of each pooling window (inf if exact tie or k=1)."""
+    a = node.attrs
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = a["kernel"], a["stride"], a["padding"], a["dilation"]
+    if kh * kw < 2:
+        return torch.full_like(x, float("inf"))
+    # bottom/right padding for ceil_mode windows, read off the layer's actual output size
+    eh = max(0, (out_hw[0] - 1) * sh + dh * (kh - 1) + 1 - (x.shape[2] + 2 * ph))
+    ew = max(0, (out_hw[1] - 1) * sw + dw * (kw - 1) + 1 - (x.shape[3] + 2 * pw))
+    v = F.pad(x, (pw, pw + ew, ph, ph + eh), value=float("-inf"))
+    cols = F.unfold(v, (kh, kw), dilation=(dh, dw), stride=(sh, sw)).view(x.shape[0], x.shape[1], kh * kw, -1)
+    top = cols.topk(2, dim=2).values
+    gap = top[:, :, 0] - top[:, :, 1]
+    return torch.where(gap > 0, gap, torch.full_like(gap, float("inf")))  # exact ties break alike
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def _error(name: str, a: Any, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """|a − b| / scale, reduced to one value per sample for batch outputs, else to a scalar."""
+    d = (torch.as_tensor(a).double() - b).abs() / scale.clamp_min(1e-30)
+    if name == "y_dot":
+        return d.transpose(0, 1).flatten(1).amax(1)
+    if name in _PER_SAMPLE:
+        return d.flatten(1).amax(1)
+    return d.max()
+
+
+def _judge(got: dict[str, Any], f32: dict[str, torch.Tensor], ref: dict[str, torch.Tensor],
+           scales: dict[str, torch.Tensor], kinks: torch.Tensor, tol: float) -> tuple[dict[str, float], dict[str, float], str]:
+    """Errors of ``got`` (after excusing kink samples) and of float32 torch; the verdict."""
+    errs = {k: _error(k, got[k], ref[k], scales[k]) for k in ref}
+    floors = {k: float(_error(k, f32[k], ref[k], scales[k]).median()) for k in ref}
+    limits = {k: max(tol, KAPPA * floors[k]) for k in ref}
+    over = torch.zeros_like(kinks)
+    for k in ref:
+        if k in _PER_SAMPLE:
+            over |= errs[k] > limits[k]
+    excused = over & kinks
+    if int(excused.sum()) > len(kinks) // 4:
+        excused[:] = False
+    worst = {k: float(e[~excused].max() if k in _PER_SAMPLE else e) for k, e in errs.items()}
+    ok = all(worst[k] <= limits[k] for k in ref)
+    note = f" ({int(excused.sum())} sample(s) at a kink excused)" if excused.any() else ""
+    return worst, floors, ("pass" + note) if ok else "FAIL"
+
+
+class _Checker:
+    """Everything one validation shares: artifacts, float64/float32 references, ORT sessions."""
+
+    def __init__(self, arts: Artifacts, ref: torch.nn.Module, specs: list[ModuleSpec], tol: float) -> None:
+        self.arts, self.ref, self.ref32, self.specs, self.tol = arts, ref, copy.deepcopy(ref).float(), specs, tol
+        self.sessions: dict[tuple[int, str], ort.InferenceSession] = {}
+
+    def retrying(self, row_fn: Callable[[int], tuple[ValidationRow, bool]], seed: int) -> ValidationRow:
+        """A row failing where float32 may have taken the other branch of a kink gets fresh inputs."""
+        for attempt in range(ATTEMPTS):
+            row, kinked = row_fn(seed + 1000 * attempt)
+            if row.status != "FAIL" or not kinked:
+                break
+        if attempt and row.status != "FAIL":
+            row.status += f" (inputs redrawn {attempt}x: kink)"
+        return row
+
+    def module_row(self, info: ModuleInfo, mod: ModuleSpec, role: str, n: int, seed: int) -> tuple[ValidationRow, bool]:
+        arts = self.arts
+        row = ValidationRow(str(info.index), role, n)
+        bn_train = arts.bn_mode == "train" and role != "eval"
+        if bn_train and _single_value_bn(mod, info.in_shape, n):
+            row.status = NA_SINGLE_VALUE
+            return row, False
+        inp = _random_inputs(arts, [info], info.in_shape, n, role == "dual",
+                             np.random.default_rng([seed, info.index, ROLES.index(role), n]))
+        got = _run(self.sessions[info.index, role], _feeds(arts, info, role, inp.x, inp.x_dot, inp))
+        ref, scales = _reference(self.ref, mod, info, role, bn_train, inp, arts.tangents)
+        f32, _ = _reference(self.ref32, mod, info, role, bn_train, inp, arts.tangents)
+        # a primal pass ("forward": no tangents) in the row's BN mode, watched for kinks
+        kinks = _kink_samples(self.ref, mod.nodes, n, lambda: _reference(self.ref, mod, info, "forward", bn_train, inp, 1))
+        errs, floors, row.status = _judge(got, f32, ref, scales, kinks, self.tol)
+        dot = "y_dot" if "y_dot" in errs else "loss_dot" if "loss_dot" in errs else None
+        row.err_y = max(e for k, e in errs.items() if k != dot)
+        row.err_dot, row.floor = (errs[dot], floors[dot]) if dot else (None, None)
+        return row, bool(kinks.any())
+
+    def end_to_end_row(self, n: int, seed: int) -> tuple[ValidationRow, bool]:
+        """Chain all dual graphs in ORT; loss_dot_j against ∇L·u_j (autograd, float64), relative to Σ|∇L_i·u_ij|."""
+        arts = self.arts
+        row = ValidationRow("all", "e2e dloss", n)
+        bn_train = arts.bn_mode == "train"
+        if bn_train and any(_single_value_bn(mod, info.in_shape, n) for info, mod in zip(arts.modules, self.specs)):
+            row.status = NA_SINGLE_VALUE
+            return row, False
+        inp = _random_inputs(arts, arts.modules, list(arts.input_shape), n, False, np.random.default_rng([seed, -1, n]))
+        x, x_dot = inp.x, None
+        for info in arts.modules:
+            role = "dual" if x_dot is not None else "dual_first"
+            outs = _run(self.sessions[info.index, role], _feeds(arts, info, role, x, x_dot, inp))
+            x, x_dot = outs.get("y"), outs.get("y_dot")
+        ref, scale = _grad_dot(self.ref, arts, inp, bn_train)
+        f32, _ = _grad_dot(self.ref32, arts, inp, bn_train)
+        set_bn_training(self.ref, bn_train)
+        kinks = _kink_samples(self.ref, [nd for mod in self.specs for nd in mod.nodes], n,
+                              lambda: self.ref(torch.from_numpy(inp.x).double()))
+        errs, floors, row.status = _judge({"loss_dot": outs["loss_dot"]},
+                                          {"loss_dot": f32}, {"loss_dot": ref}, {"loss_dot": scale}, kinks, self.tol)
+        row.err_dot, row.floor = errs["loss_dot"], floors["loss_dot"]
+        return row, bool(kinks.any())
 
 
 def _single_value_bn(mod: ModuleSpec, in_shape: list[int], n: int) -> bool:
     """True if a BatchNorm would normalise one value per channel (batch 1, 1×1 map): undefined in train mode."""
     shapes = {mod.input: in_shape, **{node.name: node.shape for node in mod.nodes}}
     return any(node.op == "batchnorm2d" and n * int(np.prod(shapes[node.inputs[0]][1:])) == 1 for node in mod.nodes)
-
-
-def _rel(a: Any, b: torch.Tensor) -> float:
-    """max|a − b| / max|b|: the error relative to the reference's scale."""
-    a = _t(a)
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
-def _status(errs: list[float | None], tol: float) -> str:
-    return "pass" if all(e is None or e <= tol for e in errs) else "FAIL"
-
-
-def _module_row(arts: Artifacts, ref: torch.nn.Module, info: ModuleInfo, mod: ModuleSpec, role: str,
-                sess: ort.InferenceSession, n: int, seed: int, tol: float) -> ValidationRow:
-    bn_train = arts.bn_mode == "train" and role != "eval"
-    row = ValidationRow(str(info.index), role, n, None, None, "")
-    if bn_train and _single_value_bn(mod, info.in_shape, n):
-        row.status = NA_SINGLE_VALUE
-        return row
-    inp = _random_inputs(arts, [info], info.in_shape, n, role == "dual", _rng(seed, info.index, ROLES.index(role), n))
-    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, _feeds(arts, info, role, inp.x, inp.x_dot, inp))))
-    set_bn_training(ref, bn_train)
-    stats = {q: _t(v) for q, v in inp.stats.items()}  # train-mode BN updates them: the reference s_new
-    params = {q: _t(arts.weights[q]) for q in info.param_names}
-    x = _t(inp.x)
-    if role in DUAL_ROLES:
-        pairs = [jvp_module(ref, mod, x, None if inp.x_dot is None else _t(inp.x_dot[j]), params,
-                            {q: _t(u[j]) for q, u in inp.tangents.items()},
-                            stats if j == 0 else {q: v.clone() for q, v in stats.items()})
-                 for j in range(arts.tangents)]
-        y, y_dots = pairs[0][0], torch.stack([yd for _, yd in pairs])
-    else:
-        with torch.no_grad():
-            y, y_dots = segment_fn(ref, mod)(x, params, stats), None
-    errs_y = [_rel(outs[f"s_new.{q}"], v) for q, v in stats.items() if bn_train]
-    if not info.is_last:
-        errs_y.append(_rel(outs["y"], y))
-        row.err_dot = None if y_dots is None else _rel(outs["y_dot"], y_dots)
-    else:
-        errs_y.append(_rel(outs["logits"], y))
-        if role != "eval":
-            labels = torch.from_numpy(inp.labels)
-            loss = cross_entropy(y, labels)
-            errs_y.append(_rel(outs["loss"], loss.detach()))
-            if y_dots is not None:
-                row.err_dot = _loss_dot_error(outs["loss_dot"], y, y_dots, labels)
-    row.err_y = max(errs_y)
-    row.status = _status([row.err_y, row.err_dot], tol)
-    return row
-
-
-def _loss_dot_error(loss_dot: np.ndarray, logits: torch.Tensor, logits_dots: torch.Tensor,
-                    labels: torch.Tensor) -> float:
-    """Worst |Δ loss_dot_j| relative to mean_n Σ_c |(softmax − onehot)·ż_j| (the terms' scale)."""
-    errs = []
-    resid = torch.softmax(logits.detach(), 1) - torch.nn.functional.one_hot(labels, logits.shape[1]).double()
-    for j, zd in enumerate(logits_dots.detach()):
-        _, ref = torch.func.jvp(lambda z: cross_entropy(z, labels), (logits.detach(),), (zd,))
-        scale = (resid * zd).abs().sum(1).mean()
-        errs.append(float(abs(float(loss_dot[j]) - ref) / scale.clamp_min(1e-30)))
-    return max(errs)
-
-
-# --------------------------------------------------------------------------- end to end
-
-
-def _end_to_end_row(arts: Artifacts, ref: torch.nn.Module, specs: list[ModuleSpec],
-                    sessions: dict[tuple[int, str], ort.InferenceSession], n: int, seed: int, tol: float) -> ValidationRow:
-    """Chain all dual graphs in ORT; compare loss_dot_j with ∇L·u_j (autograd, float64), relative to Σ|∇L_i·u_ij|."""
-    row = ValidationRow("all", "e2e dloss", n, None, None, "")
-    bn_train = arts.bn_mode == "train"
-    if bn_train and any(_single_value_bn(mod, info.in_shape, n) for info, mod in zip(arts.modules, specs)):
-        row.status = NA_SINGLE_VALUE
-        return row
-    inp = _random_inputs(arts, arts.modules, list(arts.input_shape), n, False, _rng(seed, 10_000, n))
-    x, x_dot = inp.x, None
-    for info in arts.modules:
-        role = "dual" if x_dot is not None else "dual_first"
-        sess = sessions[info.index, role]
-        outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, _feeds(arts, info, role, x, x_dot, inp))))
-        x, x_dot = outs.get("y"), outs.get("y_dot")
-    loss_dot = outs["loss_dot"]
-
-    set_bn_training(ref, bn_train)
-    names = [q for info in arts.modules for q in info.param_names]
-    params = {q: _t(arts.weights[q]).requires_grad_() for q in names}
-    buffers = {q: _t(v) for q, v in inp.stats.items()}
-    loss = cross_entropy(functional_call(ref, {**params, **buffers}, (_t(inp.x),)), torch.from_numpy(inp.labels))
-    grads = dict(zip(names, torch.autograd.grad(loss, list(params.values()))))
-    errs = []
-    for j in range(arts.tangents):
-        terms = [grads[q] * _t(inp.tangents[q][j]) for q in names]
-        gu, scale = sum(t.sum() for t in terms), sum(t.abs().sum() for t in terms)
-        errs.append(float(abs(float(loss_dot[j]) - gu) / scale))
-    row.err_dot = max(errs)
-    row.status = _status([row.err_dot], tol)
-    return row
