@@ -13,6 +13,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .graphs import GraphSpec, build_onnx, module_roles, stat_names, weight_names
+from .local_heads import aux_head, init_aux_weights
 from .ops import OPSET
 from .program import trace
 from .split import ModuleSpec, split_program
@@ -28,12 +29,14 @@ def _layer_of(qualified: str) -> str:
 
 def export_model(model: Any, out_dir: str | Path, input_shape: tuple[int, int, int], num_classes: int,
                  modules: int | None = None, split_at: list[str] | None = None, bn_mode: str = "train",
-                 tangents: int = 1, model_spec: dict[str, Any] | None = None,
-                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                 tangents: int = 1, model_spec: dict[str, Any] | None = None, local_heads: bool = False,
+                 seed: int = 0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Trace, split and export ``model``; returns the manifest written to ``out_dir``.
 
     ``model_spec`` ({"name", "config"}) lets tools rebuild a zoo model; user models get
     ``{"name": "custom"}`` and are still fully described by the stored programs.
+    ``local_heads`` adds an auxiliary classifier to every non-last module and a ``local`` graph
+    role (the experimental local-loss mode, local_heads.py); ``seed`` initialises those heads.
     """
     if bn_mode not in BN_MODES:
         raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
@@ -47,12 +50,19 @@ def export_model(model: Any, out_dir: str | Path, input_shape: tuple[int, int, i
              if not k.endswith("num_batches_tracked")}
     shapes = {k: list(v.shape) for k, v in state.items()}
     out_shapes = {n.name: n.shape for n in program}
+    if local_heads:
+        for mod in specs[:-1]:
+            mod.aux = aux_head(mod, out_shapes[mod.output], num_classes)
+            feats = mod.aux[-2].shape[0] if len(mod.aux) > 1 else out_shapes[mod.output][0]
+            aux_w = init_aux_weights(mod.aux, feats, num_classes, seed)
+            state.update(aux_w)
+            shapes.update({k: list(v.shape) for k, v in aux_w.items()})
     manifest_modules = []
     for mod in specs:
         is_last = mod.index == len(specs) - 1
         in_shape = list(input_shape) if mod.index == 0 else out_shapes[mod.input]
         graphs = {}
-        for role in module_roles(mod.index):
+        for role in module_roles(mod):
             if progress:
                 progress(f"module {mod.index} {role}")
             model_proto = build_onnx(mod, GraphSpec(role, tangents, bn_mode), is_last, in_shape, num_classes, shapes)
@@ -82,11 +92,12 @@ def _module_entry(mod: ModuleSpec, is_last: bool, in_shape: list[int], out_shape
         "in_shape": in_shape, "out_shape": out_shape, "cost_flops": mod.cost,
         "layers": [n.name for n in mod.nodes],
         "params": [{"name": q, "shape": shapes[q], "dtype": "float32", "layer": _layer_of(q)}
-                   for q in weight_names(mod.nodes)],
+                   for q in weight_names(mod.nodes + mod.aux)],
         "buffers": [{"name": q, "shape": shapes[q], "dtype": "float32", "layer": _layer_of(q)}
                     for q in stat_names(mod.nodes)],
         "graphs": graphs,
         "program": [n.to_dict() for n in mod.nodes],
+        "aux_program": [n.to_dict() for n in mod.aux],
     }
 
 
@@ -94,4 +105,5 @@ def module_specs(manifest: dict[str, Any]) -> list[ModuleSpec]:
     """Rebuild the split programs from a manifest (for the torch backend and validation)."""
     from .program import Node
 
-    return [ModuleSpec(m["index"], [Node.from_dict(n) for n in m["program"]], m["input"]) for m in manifest["modules"]]
+    return [ModuleSpec(m["index"], [Node.from_dict(n) for n in m["program"]], m["input"],
+                       [Node.from_dict(n) for n in m.get("aux_program", [])]) for m in manifest["modules"]]

@@ -19,6 +19,7 @@ from .rules import RuleContext
 from .split import ModuleSpec
 
 ROLES = ("dual", "dual_first", "forward", "eval")
+LOCAL_ROLE = "local"  # non-last modules with an auxiliary head: (x, w, u, labels) -> (y, loss, loss_dot, logits)
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class GraphSpec:
 
     @property
     def dual(self) -> bool:
-        return self.role in ("dual", "dual_first")
+        return self.role in ("dual", "dual_first", LOCAL_ROLE)
 
     @property
     def bn_train(self) -> bool:
@@ -41,9 +42,15 @@ class GraphSpec:
         return RuleContext(m=self.m, dual=self.dual, bn_train=self.bn_train)
 
 
-def module_roles(index: int) -> tuple[str, ...]:
+def module_roles(mod: ModuleSpec) -> tuple[str, ...]:
     """The first module's input is data, whose tangent is always zero: it has no ``dual`` role."""
-    return ROLES[1:] if index == 0 else ROLES
+    roles = ROLES[1:] if mod.index == 0 else ROLES
+    return (*roles, LOCAL_ROLE) if mod.aux else roles
+
+
+def graph_weight_names(mod: ModuleSpec, spec: GraphSpec) -> list[str]:
+    """Weights a graph takes: the module's, plus its auxiliary head's in the local role."""
+    return weight_names(mod.nodes + (mod.aux if spec.role == LOCAL_ROLE else []))
 
 
 def weight_names(nodes: list[Node]) -> list[str]:
@@ -64,7 +71,12 @@ def run_module(ops: Any, mod: ModuleSpec, spec: GraphSpec, is_last: bool, x: Any
     out: dict[str, Any] = {}
     if spec.dual and yd is None:  # a module with no weights and a zero input tangent
         yd = ops.expand_zeros(y, spec.m)
-    if is_last and spec.role != "eval":
+    if spec.role == LOCAL_ROLE:
+        z, zd, _ = run_program(ops, mod.aux, mod.output, y, yd, params, tangents, {}, ctx)
+        out["y"] = y
+        out["loss"], out["loss_dot"] = run_head(ops, z, zd, labels, True)
+        out["logits"] = z
+    elif is_last and spec.role != "eval":
         loss, dloss = run_head(ops, y, yd, labels, spec.dual)
         out["loss"] = loss
         if spec.dual:
@@ -87,11 +99,12 @@ def build_onnx(mod: ModuleSpec, spec: GraphSpec, is_last: bool, in_shape: list[i
     ops = OnnxOps(f"module{mod.index}_{spec.role}")
     x = ops.input("x", [-1, *in_shape])
     x_dot = ops.input("x_dot", [spec.m, -1, *in_shape]) if spec.role == "dual" else None
-    wn = weight_names(mod.nodes)
+    wn = graph_weight_names(mod, spec)
     params = {q: ops.input(f"w.{q}", weight_shapes[q]) for q in wn}
     tangents = {q: ops.input(f"u.{q}", [spec.m, *weight_shapes[q]]) for q in wn} if spec.dual else {}
     stats = {q: ops.input(f"s.{q}", weight_shapes[q]) for q in stat_names(mod.nodes)}
-    labels = ops.input("labels", [-1, num_classes]) if (is_last and spec.role != "eval") else None
+    wants_labels = (is_last and spec.role != "eval") or spec.role == LOCAL_ROLE
+    labels = ops.input("labels", [-1, num_classes]) if wants_labels else None
     for name, v in run_module(ops, mod, spec, is_last, x, x_dot, params, tangents, stats, labels).items():
         ops.output(name, v)
     model = ops.model()

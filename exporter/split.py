@@ -9,7 +9,7 @@ with small feature maps (ResNet-18's layer4 holds 75% of the weights but ~25% of
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .program import Node, node_flops_dual
 
@@ -23,6 +23,7 @@ class ModuleSpec:
     index: int
     nodes: list[Node]
     input: str  # value name the module consumes ("input" for the first module)
+    aux: list[Node] = field(default_factory=list)  # local-loss head (local_heads.py), if exported
 
     @property
     def output(self) -> str:

@@ -6,9 +6,9 @@ from typing import Any
 from .artifacts import Artifacts
 from .backend import ModuleRunner
 from .optim import make_optimizer
-from .scheduler import AlphaFn, AsyncFGD, LrFn, Perturbation, SyncFGD
+from .scheduler import AlphaFn, AsyncFGD, LocalFGD, LrFn, Perturbation, SyncFGD
 
-METHODS = ("fgd", "asyncfgd")
+METHODS = ("fgd", "asyncfgd", "local")  # local: needs artifacts exported with local heads
 BACKENDS = ("onnxruntime", "torch", "torch-cuda", "tensorrt")
 
 
@@ -39,5 +39,5 @@ def make_scheduler(runners: list[ModuleRunner], method: str, optimizer: str, lr:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     opts = [make_optimizer(optimizer, r.params, r.xp, lr=lr(0), **(optimizer_kw or {})) for r in runners]
-    cls = SyncFGD if method == "fgd" else AsyncFGD
+    cls = {"fgd": SyncFGD, "asyncfgd": AsyncFGD, "local": LocalFGD}[method]
     return cls(runners, opts, alpha, lr, perturbation)

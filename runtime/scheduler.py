@@ -225,18 +225,30 @@ class AsyncFGD(_Base):
     def _work(self, k: int, job: _Handoff | None) -> tuple[_Handoff, RunResult] | None:
         t0 = time.perf_counter()
         try:
-            if self.pending is not None:
-                self._update(k, *self.pending)
-            if job is None:
-                return None
-            role, _ = self._role(k, job.step)
-            if role != "forward":
-                self._fill(k, job.step)
-            r = self.runners[k]
-            return job, r.run(role, job.h, job.h_dot if role == "dual" else None, job.labels if r.is_last else None,
-                              ready=job.ready)
+            return self._job(k, job)
         finally:
             self.busy_s[k] += time.perf_counter() - t0
+
+    def _job(self, k: int, job: _Handoff | None) -> tuple[_Handoff, RunResult] | None:
+        """Module k's share of a tick: the pending update, then its forward on its mini-batch."""
+        if self.pending is not None:
+            self._update(k, *self.pending)
+        if job is None:
+            return None
+        role, _ = self._role(k, job.step)
+        if role != "forward":
+            self._fill(k, job.step)
+        r = self.runners[k]
+        return job, r.run(role, job.h, job.h_dot if role == "dual" else None, job.labels if r.is_last else None,
+                          ready=job.ready)
+
+    def _finish(self, job: _Handoff, res: RunResult) -> StepOutcome:
+        """The last module's result: its d becomes every module's pending update."""
+        last = self.runners[-1]
+        loss, d = self._check(job.step, res, last.to_host)
+        if d is not None:
+            self.pending = (job.step, d)
+        return StepOutcome(job.step, loss, d, last.to_host(res.logits), job.labels)
 
     def _tick(self) -> list[StepOutcome]:
         active = [k for k in range(self.K) if self.handoff[k] is not None or self.pending is not None]
@@ -250,12 +262,8 @@ class AsyncFGD(_Base):
             job, res = done
             if k < self.K - 1:
                 self.handoff[k + 1] = _Handoff(job.step, res.y, res.y_dot, job.labels, res.ready)
-                continue
-            last = self.runners[k]
-            loss, d = self._check(job.step, res, last.to_host)
-            if d is not None:
-                self.pending = (job.step, d)
-            outcomes.append(StepOutcome(job.step, loss, d, last.to_host(res.logits), job.labels))
+            else:
+                outcomes.append(self._finish(job, res))
         return outcomes
 
     def state_dict(self) -> dict[str, Any]:
@@ -278,6 +286,40 @@ class AsyncFGD(_Base):
     def close(self) -> None:
         self.flush()
         self._pool.shutdown(wait=True)
+
+
+class LocalFGD(AsyncFGD):
+    """Experimental local-loss mode (after Ren et al. 2023): pipelined like AsyncFGD, but every
+    non-last module takes its directional derivative from its own auxiliary head's loss
+    (exported with ``local_heads``), so it updates right after its own run with the tangent
+    still in its buffer: no broadcast, no stale tangents, no regeneration. The last module
+    uses the real loss with respect to its own weights only. The price: earlier modules optimise
+    a proxy objective (their head's), not the network's loss.
+    """
+
+    def _role(self, k: int, step: int) -> tuple[str, bool]:
+        if self.alpha(k, step) <= 0:
+            return "forward", False
+        return ("dual_first" if k == self.K - 1 else "local"), True
+
+    def _job(self, k: int, job: _Handoff | None) -> tuple[_Handoff, RunResult] | None:
+        if job is None:
+            return None
+        role, perturbed = self._role(k, job.step)
+        r = self.runners[k]
+        if perturbed:
+            self._fill(k, job.step)
+        res = r.run(role, job.h, None, job.labels if (r.is_last or role == "local") else None, ready=job.ready)
+        if perturbed:
+            _, d = self._check(job.step, res, r.to_host)
+            self._update(k, job.step, d)
+        return job, res
+
+    def _finish(self, job: _Handoff, res: RunResult) -> StepOutcome:
+        last = self.runners[-1]
+        loss = float(last.to_host(res.loss))
+        d = None if res.loss_dot is None else last.to_host(res.loss_dot).reshape(-1)
+        return StepOutcome(job.step, loss, d, last.to_host(res.logits), job.labels)
 
 
 def evaluate(runners: Sequence[ModuleRunner], x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,43 @@
+"""Auxiliary heads for the experimental local-loss mode (after Ren et al. 2023).
+
+Each non-last module k gets a small classifier on its output (global average pool when the output
+is a feature map, then flatten and a linear layer to the classes) and a cross-entropy loss. The
+module's directional derivative then depends only on its own weights (and its head), so it can
+update at once, with no wait for the last module and no staleness. The heads are extra program
+nodes with weights named ``aux<k>.fc.weight`` / ``aux<k>.fc.bias``, initialised like nn.Linear
+(uniform ±1/√fan_in) from a seeded generator.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .program import Node
+from .split import ModuleSpec
+
+
+def aux_head(mod: ModuleSpec, out_shape: list[int], num_classes: int) -> list[Node]:
+    """The head's program: (global avg-pool →) flatten → linear, reading the module's output."""
+    k, nodes, prev = mod.index, [], mod.output
+    if len(out_shape) == 3:
+        c = out_shape[0]
+        nodes.append(Node(f"aux{k}.pool", "global_avgpool", [prev], shape=[c, 1, 1], flops=int(np.prod(out_shape))))
+        nodes.append(Node(f"aux{k}.flatten", "flatten", [f"aux{k}.pool"], shape=[c], flops=c))
+        prev, features = f"aux{k}.flatten", c
+    elif len(out_shape) == 1:
+        features = out_shape[0]
+    else:
+        raise ValueError(f"module {k} output of shape {out_shape} has no auxiliary head (expected C×H×W or F)")
+    nodes.append(Node(f"aux{k}.fc", "linear", [prev], params={"weight": f"aux{k}.fc.weight", "bias": f"aux{k}.fc.bias"},
+                      shape=[num_classes], flops=features * num_classes))
+    return nodes
+
+
+def init_aux_weights(nodes: list[Node], features: int, num_classes: int, seed: int) -> dict[str, np.ndarray]:
+    """nn.Linear's default initialisation, from a generator seeded per head."""
+    fc = nodes[-1]
+    rng = np.random.default_rng([seed, int(fc.name[3:].split(".")[0])])
+    bound = 1.0 / math.sqrt(features)
+    return {fc.params["weight"]: rng.uniform(-bound, bound, (num_classes, features)).astype(np.float32),
+            fc.params["bias"]: rng.uniform(-bound, bound, (num_classes,)).astype(np.float32)}
