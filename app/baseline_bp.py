@@ -86,7 +86,7 @@ class BpLearner:
         logits = self.model(torch.from_numpy(x))
         loss = F.cross_entropy(logits, torch.from_numpy(onehot.argmax(axis=1)))
         if not torch.isfinite(loss):
-            raise NonFiniteLoss(self.step, float(loss), None)
+            raise NonFiniteLoss(self.step, loss.item(), None)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.clip_norm is not None:
@@ -95,7 +95,7 @@ class BpLearner:
             group["lr"] = self.lr(self.step)
         self.opt.step()
         self.step += 1
-        return [StepOutcome(self.step - 1, float(loss), None, logits.detach().numpy(), onehot)]
+        return [StepOutcome(self.step - 1, loss.item(), None, logits.detach().numpy(), onehot)]
 
     def finish(self) -> list[StepOutcome]:
         return []

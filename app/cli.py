@@ -1,7 +1,8 @@
 """The `asyncfgd-app` command line (typer)."""
 import typer
 
-from . import cmd_bench_pipeline, cmd_train, doctor
+from . import cmd_bench, cmd_bench_pipeline, cmd_train, doctor
+from asyncfgd.app import cmd_export
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Forward-gradient (AsyncFGD) training without backpropagation.")
 
@@ -14,8 +15,10 @@ def version() -> None:
 
 
 doctor.register(app)
+cmd_bench.register(app)
 cmd_bench_pipeline.register(app)
 cmd_train.register(app)
+cmd_export.register(app)
 
 
 def main() -> None:

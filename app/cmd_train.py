@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Literal
 
 import typer
-from click.core import ParameterSource
 
 from asyncfgd.exporter.export import BN_MODES
 from asyncfgd.runtime.artifacts import ArtifactError
@@ -33,7 +32,7 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 def _explicit(ctx: typer.Context, names: tuple[str, ...] | list[str]) -> list[str]:
     """Which of ``names`` were given on the command line (not left at their defaults)."""
-    return [n for n in names if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE]
+    return [n for n in names if getattr(ctx.get_parameter_source(n), "name", None) == "COMMANDLINE"]
 
 
 def _floats(text: str | None) -> list[float] | None:
@@ -70,7 +69,8 @@ def register(app: typer.Typer) -> None:
                                  "cifar10:PATH, svhn:PATH, imagefolder:PATH[:SIZE]."),
         method: Literal[(*METHODS, "bp")] = typer.Option(
             D.method, help="asyncfgd: pipelined forward gradients (the product); fgd: synchronous forward gradients "
-            "(no staleness, no overlap); bp: PyTorch backprop on the same model and data, as a baseline."),
+            "(no staleness, no overlap); local: experimental, each module learns from its own auxiliary head; bp: "
+            "PyTorch backprop on the same model and data, as a baseline."),
         backend: Literal[BACKENDS] = typer.Option(D.backend, help="Where FGD runs: onnxruntime (CPU, no torch "
                                                   "needed), torch / torch-cuda, tensorrt (Jetson)."),
         optimizer: Literal[OPTIMIZERS] = typer.Option(
@@ -102,8 +102,9 @@ def register(app: typer.Typer) -> None:
         store_tangents: bool = typer.Option(D.store_tangents, help="Keep tangents until their delayed update "
                                             "instead of regenerating them from the seed (more memory, less compute)."),
         seed: int = typer.Option(D.seed, min=0, help="Seed of the initial weights, data order and tangents."),
-        threads: int | None = typer.Option(None, min=1, help="Threads per module (ONNX Runtime intra-op / torch); "
-                                              "default: the runtime's choice."),
+        threads: int = typer.Option(D.threads, min=0, help="Threads per module (ONNX Runtime intra-op, or torch). "
+                                    "1 suits small models, whose K modules already run concurrently; for large "
+                                    "ones try cores / K. 0: the runtime's own choice."),
         augment: bool = typer.Option(D.augment, help="Random crops (and flips where labels allow them)."),
         run_dir: Path | None = typer.Option(None, help="Output directory (default: runs/TIME-MODEL-METHOD)."),
         resume: Path | None = typer.Option(None, help="Continue the run in this directory from its last "

@@ -190,7 +190,7 @@ def _annotate(gm: Any, program: list[Node], input_shape: tuple[int, ...]) -> Non
     import torch.fx as fx
 
     shapes: dict[str, tuple[int, ...]] = {}
-    was_training = gm.training
+    modes = {m: m.training for m in gm.modules()}  # restored per module: mixed modes (eval + train BN) survive
     gm.eval()
     with torch.no_grad():
         dtype = next((p.dtype for p in gm.parameters()), torch.float32)
@@ -204,7 +204,8 @@ def _annotate(gm: Any, program: list[Node], input_shape: tuple[int, ...]) -> Non
                 return out
 
         Rec(gm).run(x)
-    gm.train(was_training)
+    for m, training in modes.items():
+        m.training = training
     shapes["input"] = tuple(input_shape)
     mods = dict(gm.named_modules())
     by_name = {n.name: n for n in program}

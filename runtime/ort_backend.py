@@ -5,6 +5,21 @@ copying* (``ortvalue_from_numpy`` shares CPU memory), so the optimizer's in-plac
 are what the next run reads. Outputs go to preallocated arrays, two per (role, batch size):
 the pipeline hands a module's output to its neighbour, which reads it during the next tick
 while this module writes the other buffer.
+
+Memory (measured on ResNet-18, batch 64, docs/performance.md):
+- sessions are created on a role's first run, so a training run never builds eval sessions and
+  their thread pools, and evaluation-only use builds no dual ones;
+- ``PRIORITY_BASED`` execution order and no memory patterns: ORT's default order evaluates the
+  dual graph breadth-first (tangent branches run far ahead of their consumers), and a memory
+  pattern reserves one block for every intermediate of the first run, together 5× the peak of
+  live tensors; with both changed a module's arena stays within 1.5× of it;
+- the gradient has no buffer of its own: ``grads`` are views of the tangents an update reads, and
+  the scheduler forms g = Σ_j d_j·u_j / m in place (it reads u_0 before writing g, u_j for j ≥ 1
+  never). Modules with a delay re-create their tangents into ``scratch``, so g lives in
+  ``scratch[·][0]``. The last module has delay 0 in both schedulers: its update always reads the
+  live tangents, which are refilled before they are read again, so g lives in ``tangents[·][0]``
+  and its ``scratch`` is only allocated if something asks for it (75% of ResNet-18's weights sit
+  in the last of 4 modules).
 """
 from __future__ import annotations
 
@@ -20,6 +35,17 @@ from .backend import RunResult
 ORT_THREADS_DEFAULT = 0  # 0 = ONNX Runtime's own choice (all physical cores)
 
 
+def session_options(threads: int | None) -> ort.SessionOptions:
+    """Options for every session: ``threads`` intra-op threads, the memory settings above."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = ORT_THREADS_DEFAULT if threads is None else threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    opts.enable_mem_pattern = False
+    return opts
+
+
 class OrtModuleRunner:
     xp = np
 
@@ -30,21 +56,32 @@ class OrtModuleRunner:
         m = tangents
         self.params = {n: artifacts.weights[n].copy() for n in info.param_names}
         self.tangents = {p["name"]: np.zeros((m, *p["shape"]), np.float32) for p in info.params}
-        self.scratch = {p["name"]: np.zeros((m, *p["shape"]), np.float32) for p in info.params}
-        self.grads = {p["name"]: np.zeros(p["shape"], np.float32) for p in info.params}
+        self._scratch: dict[str, np.ndarray] | None = None
+        self.grads = {n: u[0] for n, u in (self.tangents if self.is_last else self.scratch).items()}
         self.buffers = {n: artifacts.weights[n].copy() for n in info.buffer_names}
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = ORT_THREADS_DEFAULT if threads is None else threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        self.sessions = {role: ort.InferenceSession(artifacts.graph_bytes(index, role), opts,
-                                                    providers=["CPUExecutionProvider"])
-                         for role in info.graphs}
-        self._bindings = {role: self._bind_state(role, s) for role, s in self.sessions.items()}
+        self._opts = session_options(threads)
+        self._graphs = {role: artifacts.graph_bytes(index, role) for role in info.graphs}  # checked now, built on use
+        self.sessions: dict[str, ort.InferenceSession] = {}
+        self._bindings: dict[str, ort.IOBinding] = {}
         self._outputs: dict[tuple[str, int], list[dict[str, tuple[np.ndarray, ort.OrtValue]]]] = {}
         self._flip: dict[tuple[str, int], int] = {}
 
-    def _bind_state(self, role: str, session: ort.InferenceSession) -> ort.IOBinding:
+    @property
+    def scratch(self) -> dict[str, np.ndarray]:
+        if self._scratch is None:
+            self._scratch = {n: np.zeros_like(u) for n, u in self.tangents.items()}
+        return self._scratch
+
+    def _session(self, role: str) -> ort.InferenceSession:
+        if role not in self.sessions:
+            if role not in self._graphs:
+                raise ValueError(f"module {self.index} has no '{role}' graph (it has: {', '.join(self._graphs)})")
+            s = ort.InferenceSession(self._graphs[role], self._opts, providers=["CPUExecutionProvider"])
+            self._bindings[role] = self._bind_state(s)
+            self.sessions[role] = s
+        return self.sessions[role]
+
+    def _bind_state(self, session: ort.InferenceSession) -> ort.IOBinding:
         """Bind the persistent inputs (weights, tangents, statistics) once, sharing memory."""
         b = session.io_binding()
         for i in session.get_inputs():
@@ -69,16 +106,17 @@ class OrtModuleRunner:
 
     def run(self, role: str, x: np.ndarray, x_dot: np.ndarray | None = None,
             labels: np.ndarray | None = None, ready: Any = None) -> RunResult:
+        session = self._session(role)
         b = self._bindings[role]
         b.bind_cpu_input("x", np.ascontiguousarray(x, dtype=np.float32))
         if role == "dual":
             b.bind_cpu_input("x_dot", np.ascontiguousarray(x_dot, dtype=np.float32))
-        if labels is not None and self.is_last and role != "eval":
+        if labels is not None and role != "eval" and (self.is_last or role == "local"):
             b.bind_cpu_input("labels", np.ascontiguousarray(labels, dtype=np.float32))
         bound = self._out_buffers(role, x.shape[0])
         for name, (_, value) in bound.items():
             b.bind_ortvalue_output(name, value)
-        self.sessions[role].run_with_iobinding(b)
+        session.run_with_iobinding(b)
         outs = {name: arr for name, (arr, _) in bound.items()}
         for name, arr in outs.items():
             if name.startswith("s_new."):

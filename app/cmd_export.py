@@ -1,0 +1,149 @@
+"""`asyncfgd-app export` and `asyncfgd-app validate`: make an artifact directory, then check it.
+
+Every mistake a user can make on the command line (unknown model, impossible split, a layer
+without a dual rule, a malformed shape, a missing weights file) ends in a one-paragraph
+message on stderr and exit code 2, never a traceback: the exporter's exceptions already
+say what went wrong and what would work.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, NoReturn, Optional
+
+import typer
+
+USAGE_ERROR = 2
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(USAGE_ERROR)
+
+
+def parse_ints(text: str, what: str, count: int | None = None) -> list[int]:
+    """'3,32,32' -> [3, 32, 32]; positive integers only, ``count`` of them if given."""
+    try:
+        values = [int(t) for t in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values) or (count is not None and len(values) != count):
+        n = f"{count} " if count else ""
+        _fail(f"{what} must be {n}comma-separated positive integers (e.g. 3,32,32), got {text!r}")
+    return values
+
+
+def parse_config(items: list[str]) -> dict[str, Any]:
+    """['width=8', 'hidden=64,32'] -> {'width': 8, 'hidden': [64, 32]} (JSON values, else strings)."""
+    config: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            _fail(f"--config takes key=value, got {item!r}")
+        config[key] = _value(raw)
+    return config
+
+
+def _value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return [_value(p) for p in raw.split(",")] if "," in raw else raw
+
+
+def _summary(manifest: dict[str, Any], out: Path) -> str:
+    """One line per module: layers, parameter count, dual cost, files."""
+    rows = [("module", "layers", "params", "dual MFLOP/sample", "files")]
+    for m in manifest["modules"]:
+        files = [out / g["file"] for g in m["graphs"].values()]
+        size = sum(f.stat().st_size for f in files) / 1e6
+        params = sum(math.prod(p["shape"]) for p in m["params"])
+        rows.append((str(m["index"]), f"{m['layers'][0]} .. {m['layers'][-1]}", f"{params:,}",
+                     f"{m['cost_flops'] / 1e6:.2f}", f"{len(files)} ({size:.2f} MB)"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `export` and `validate` commands to the CLI."""
+
+    @app.command()
+    def export(
+        model: str = typer.Option(..., "--model", help="Zoo model: mlp, cnn, resnet18, resnet18-imagenet, mobilenetv2."),
+        out: Path = typer.Option(..., "--out", help="Artifact directory to write (created if missing)."),
+        num_classes: int = typer.Option(..., "--num-classes", help="Number of classes of the classifier head."),
+        input_shape: str = typer.Option(..., "--input-shape", help="Input C,H,W of one sample, e.g. 3,32,32."),
+        modules: Optional[int] = typer.Option(None, "--modules", help="Split into K pipeline modules balanced by "
+                                              "dual FLOPs (default 1). Exclusive with --split."),
+        split: Optional[str] = typer.Option(None, "--split", help="Comma-separated layer or block names, each "
+                                            "starting a new module (e.g. layer2,layer4). Exclusive with --modules."),
+        weights: Optional[Path] = typer.Option(None, "--weights", help="Local torchvision-format state_dict (.pth) "
+                                               "to start from; a head of another class count is kept fresh."),
+        bn: str = typer.Option("train", "--bn", help="BatchNorm in the dual/forward graphs: 'train' (batch "
+                               "statistics, updated running stats as outputs) or 'frozen' (running stats)."),
+        tangents: int = typer.Option(1, "--tangents", help="Weight tangents M per pass (leading dim of u.* inputs)."),
+        config: list[str] = typer.Option([], "--config", help="Model option key=value, repeatable (e.g. width=8, "
+                                         "hidden=256,128, width_mult=0.5)."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the weight initialisation."),
+    ) -> None:
+        """Export a zoo model as forward-mode dual ONNX graphs (docs/artifacts.md)."""
+        import torch
+        from tqdm import tqdm
+
+        from asyncfgd.exporter.export import BN_MODES, export_model
+        from asyncfgd.exporter.graphs import module_roles
+        from asyncfgd.exporter.models import build_model, load_weights, model_spec
+        from asyncfgd.exporter.split import ModuleSpec
+
+        if modules is not None and split:
+            _fail("give either --modules K or --split a,b, not both")
+        if modules is not None and modules < 1:
+            _fail(f"--modules must be at least 1, got {modules}")
+        if bn not in BN_MODES:
+            _fail(f"--bn must be one of {', '.join(BN_MODES)}, got {bn!r}")
+        shape = tuple(parse_ints(input_shape, "--input-shape", 3))
+        cuts = [s.strip() for s in split.split(",") if s.strip()] if split else None
+        k = len(cuts) + 1 if cuts else (modules or 1)
+        try:
+            torch.manual_seed(seed)
+            net = build_model(model, num_classes, shape, **parse_config(config))
+            if weights is not None:
+                for note in load_weights(net, weights, num_classes):
+                    typer.echo(f"note: {note}")
+            graphs = sum(len(module_roles(ModuleSpec(i, [], "input"))) for i in range(k))
+            with tqdm(total=graphs, unit="graph", file=sys.stderr) as bar:
+                def progress(what: str) -> None:  # called as each graph starts: the previous one is done
+                    if bar.desc:
+                        bar.update()
+                    bar.set_description(what)
+
+                manifest = export_model(net, out, shape, num_classes, modules=modules, split_at=cuts,
+                                        bn_mode=bn, tangents=tangents, model_spec=model_spec(net), progress=progress)
+                bar.update()
+        except (ValueError, OSError) as exc:  # incl. SplitError, UnsupportedLayerError, a missing --weights
+            _fail(str(exc))
+        typer.echo(_summary(manifest, out))
+        typer.echo(f"wrote {out} (check it with `asyncfgd-app validate {out}`)")
+
+    @app.command()
+    def validate(
+        artifacts_dir: Path = typer.Argument(..., help="Directory written by `asyncfgd-app export`."),
+        batch_sizes: str = typer.Option("1,64", "--batch-sizes", help="Batch sizes to test, comma-separated."),
+        tol: float = typer.Option(1e-4, "--tol", help="Relative error allowed (raised to 10x float32 PyTorch's own "
+                                  "error where the problem is ill-conditioned)."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the random test inputs."),
+    ) -> None:
+        """Check every graph against a float64 PyTorch reference; exit 1 if any check fails."""
+        from asyncfgd.exporter.validate import validate_artifacts
+        from asyncfgd.runtime.artifacts import ArtifactError
+
+        sizes = tuple(parse_ints(batch_sizes, "--batch-sizes"))
+        try:
+            report = validate_artifacts(artifacts_dir, batch_sizes=sizes, seed=seed, tol=tol)
+        except (ArtifactError, ValueError) as exc:
+            _fail(str(exc))
+        typer.echo(report.table())
+        if not report.passed:
+            raise typer.Exit(1)

@@ -1,0 +1,156 @@
+"""`asyncfgd-app bench` on a tiny CNN: report schema, table, plot, failing workers, memory model.
+
+No timing thresholds: the numbers are only checked for being there and positive.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from asyncfgd.app import bench_worker
+from asyncfgd.app.bench import (BenchConfig, format_memory_model, format_table, run_bench, venv_python,
+                                write_ort_training_base, write_plot)
+from asyncfgd.app.cli import app
+from asyncfgd.app.memory_model import predict, widest_point
+from asyncfgd.exporter.export import export_model
+from asyncfgd.exporter.models import build_model, model_spec
+
+TINY = dict(model="cnn", modules=2, batch=4, steps=1, warmup=1, repeats=2, input_shape=(1, 8, 8), timeout_s=300)
+PNG = b"\x89PNG\r\n\x1a\n"
+ORT_VENV = Path(__file__).resolve().parents[1] / ".venv-ort-training"
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Every method; bp-ort points at a venv that does not exist, so its row is an error."""
+    tmp = tmp_path_factory.mktemp("bench")
+    return run_bench(BenchConfig(**TINY, ort_venv=tmp / "no-venv"), tmp, log=lambda _: None)
+
+
+def test_report_has_every_method_with_numbers(report):
+    assert list(report["methods"]) == list(bench_worker.METHODS)
+    json.dumps(report)  # serialisable as it is
+    for name, r in report["methods"].items():
+        if name == "bp-ort":
+            continue
+        assert r["samples_per_s"] > 0 and r["peak_rss_mb"] > 0, (name, r)
+        assert r["peak_rss_mb"] >= r["baseline_rss_mb"] > 0
+        assert r["predicted_mb"] > 0 and r["measured_over_predicted"] > 0
+        assert len(r["rates"]) == TINY["repeats"]
+    assert report["methods"]["bp-torch"]["vs_bp_torch"] == pytest.approx(1.0)
+    assert report["methods"]["fgd"]["vs_fgd"] == pytest.approx(1.0)
+    assert set(report["methods"]["fgd"]["threads_tried"]) == {"1", str(report["machine"]["cpus"])}
+    assert len(report["methods"]["asyncfgd"]["busy_s"]) == TINY["modules"]
+
+
+def test_missing_ort_training_venv_is_a_row_not_a_crash(report):
+    r = report["methods"]["bp-ort"]
+    assert r["samples_per_s"] is None and r["peak_rss_mb"] is None
+    assert "--setup-ort-training" in r["error"]
+
+
+def test_table_and_memory_model_print_every_row(report):
+    table = format_table(report)
+    for name in bench_worker.METHODS:
+        assert name in table
+    assert "not installed" in table
+    mem = format_memory_model(report)
+    assert "saved activations" in mem and "module boundaries" in mem
+
+
+def test_plot_is_written(report, tmp_path):
+    out = tmp_path / "bench.png"
+    write_plot(report, out)
+    assert out.read_bytes()[:8] == PNG
+
+
+def test_failing_worker_is_reported_and_the_rest_still_run(tmp_path):
+    cfg = BenchConfig(**{**TINY, "repeats": 1}, methods=["fgd", "forward"], backend="no-such-backend")
+    rep = run_bench(cfg, tmp_path, log=lambda _: None)
+    assert "unknown backend" in rep["methods"]["fgd"]["error"]
+    assert rep["methods"]["forward"]["samples_per_s"] > 0
+    assert rep["methods"]["forward"]["vs_fgd"] is None
+
+
+def test_cli_writes_json_and_png(tmp_path):
+    js, png = tmp_path / "b.json", tmp_path / "b.png"
+    args = ["bench", "--model", "cnn", "--input-shape", "1,8,8", "--batch", "4", "--steps", "1", "--repeats", "1",
+            "--warmup", "0", "--methods", "forward", "--json", str(js), "--plot", str(png)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "forward" in res.output and "peak RSS" in res.output
+    data = json.loads(js.read_text())
+    assert data["methods"]["forward"]["samples_per_s"] > 0 and data["methods"]["forward"]["peak_rss_mb"] > 0
+    assert png.read_bytes()[:8] == PNG
+
+
+def test_cli_rejects_unknown_method():
+    res = CliRunner().invoke(app, ["bench", "--methods", "sgd-magic"])
+    assert res.exit_code != 0 and "unknown method" in res.output
+
+
+# -- the memory model on a hand-checkable MLP ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mlp_manifests(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict]:
+    """16 -> Linear(4) -> ReLU -> Linear(3): 83 weights; K=2 cuts after the ReLU."""
+    torch.manual_seed(0)
+    model = build_model("mlp", 3, (1, 4, 4), hidden=(4,))
+    tmp = tmp_path_factory.mktemp("mlp")
+    return {k: export_model(model, tmp / f"k{k}", (1, 4, 4), 3, modules=k, model_spec=model_spec(model))
+            for k in (1, 2)}
+
+
+def test_memory_model_by_hand(mlp_manifests):
+    one, two = mlp_manifests[1], mlp_manifests[2]
+    w, x = 83 * 4, 16 * 2 * 4  # weights; the input batch (2 samples of 16)
+    # backprop: weights, grads, Adam (2x), every layer's output (16 + 4 + 4 + 3) per sample
+    assert predict(one, "bp-torch", 2).total == w + x + w + 2 * w + 27 * 2 * 4
+    # widest point of the whole MLP: at the first Linear, its input (16) and output (4) are live
+    assert widest_point(one["modules"][0]) == 20
+    # fgd: weights, tangent, Adam; the widest point with its tangent, 2 samples
+    assert predict(one, "fgd", 2).total == w + x + w + 2 * w + 20 * 2 * 2 * 4
+    # asyncfgd K=2: module 0 (68 weights) keeps a scratch tangent; one boundary of 4 values, (h, ḣ)
+    # double-buffered; both modules' widest points at once (16: module 0's Linear input; 4)
+    parts = predict(two, "asyncfgd", 2).parts
+    assert parts["scratch (re-created tangents, gradients)"] == 68 * 4
+    assert parts["module boundaries (h, ḣ) x2"] == 2 * 4 * 2 * 2 * 4
+    assert parts["activations"] == (16 + 4) * 2 * 2 * 4
+    assert predict(one, "forward", 2).total == w + x + 20 * 2 * 4
+
+
+def test_memory_model_rejects_unknown_method(mlp_manifests):
+    with pytest.raises(ValueError, match="unknown method"):
+        predict(mlp_manifests[1], "magic", 2)
+
+
+# -- bp-ort ----------------------------------------------------------------------------------------
+
+def test_ort_training_base_is_the_forward_graph_up_to_the_logits(tmp_path):
+    src = tmp_path / "art"
+    torch.manual_seed(0)
+    model = build_model("cnn", 10, (1, 8, 8))
+    export_model(model, src, (1, 8, 8), 10, modules=1, model_spec=model_spec(model))
+    write_ort_training_base(src, tmp_path / "ort")
+    base = onnx.load(str(tmp_path / "ort" / bench_worker.ORT_BASE_MODEL))
+    onnx.checker.check_model(base, full_check=True)
+    assert [i.name for i in base.graph.input] == ["x"] and [o.name for o in base.graph.output] == ["logits"]
+    x = np.random.default_rng(0).standard_normal((4, 1, 8, 8)).astype(np.float32)
+    (logits,) = ort.InferenceSession(base.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    model.train()  # BatchNorm on batch statistics, as the training-mode graph
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, model(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not venv_python(ORT_VENV).exists(), reason="no .venv-ort-training (asyncfgd-app bench --setup-ort-training)")
+def test_bp_ort_runs_in_its_venv(tmp_path):
+    cfg = BenchConfig(**{**TINY, "repeats": 1}, methods=["bp-ort"], ort_venv=ORT_VENV)
+    r = run_bench(cfg, tmp_path, log=lambda _: None)["methods"]["bp-ort"]
+    assert r["samples_per_s"] > 0 and r["peak_rss_mb"] > r["baseline_rss_mb"], r

@@ -1,0 +1,337 @@
+"""Exporter: dual rules against torch.func.jvp, export + validation of every zoo model, user
+models, clear errors, the export/validate CLI and tamper detection.
+
+Each rule runs on TorchOps(float64) inside a one-layer model and is compared with
+``jvp_module`` (torch.func.jvp over the real nn.Module layer), the validator's own oracle.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from asyncfgd.app.cli import app
+from asyncfgd.exporter import rules
+from asyncfgd.exporter.dual import run_program
+from asyncfgd.exporter.export import export_model
+from asyncfgd.exporter.graphs import stat_names, weight_names
+from asyncfgd.exporter.models import build_model, model_spec
+from asyncfgd.exporter.ops import TorchOps
+from asyncfgd.exporter.program import UnsupportedLayerError, trace
+from asyncfgd.exporter.reference_modules import jvp_module, set_bn_training
+from asyncfgd.exporter.rules import RuleContext
+from asyncfgd.exporter.split import ModuleSpec, SplitError, split_program
+from asyncfgd.exporter.validate import NA_SINGLE_VALUE, validate_artifacts
+from asyncfgd.runtime.artifacts import ArtifactError, load_artifacts
+
+# --------------------------------------------------------------------------- per-rule tests
+
+
+class Residual(nn.Module):
+    """conv(x) + x: the `add` rule with two tangent-carrying inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + x
+
+
+RULE_CASES = {  # name: (layer, per-sample input shape, BatchNorm in train mode)
+    "linear": (lambda: nn.Linear(6, 5), (6,), False),
+    "linear_nobias": (lambda: nn.Linear(6, 5, bias=False), (6,), False),
+    "conv2d": (lambda: nn.Conv2d(4, 6, 3, padding=1), (4, 7, 7), False),
+    "conv2d_groups2_stride2": (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), (4, 7, 7), False),
+    "conv2d_depthwise": (lambda: nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=4, bias=False), (4, 7, 7), False),
+    "batchnorm2d_train": (lambda: nn.BatchNorm2d(4), (4, 5, 5), True),
+    "batchnorm2d_frozen": (lambda: nn.BatchNorm2d(4), (4, 5, 5), False),
+    "layernorm_1d": (lambda: nn.LayerNorm(6), (6,), False),
+    "layernorm_chw": (lambda: nn.LayerNorm([4, 5, 5]), (4, 5, 5), False),
+    "relu": (nn.ReLU, (4, 5, 5), False),
+    "relu6": (nn.ReLU6, (4, 5, 5), False),
+    "gelu": (nn.GELU, (4, 5, 5), False),
+    "gelu_tanh": (lambda: nn.GELU(approximate="tanh"), (4, 5, 5), False),
+    "maxpool_k2s2": (lambda: nn.MaxPool2d(2), (4, 6, 6), False),
+    "maxpool_k3s2p1": (lambda: nn.MaxPool2d(3, 2, 1), (4, 7, 7), False),
+    "maxpool_ceil": (lambda: nn.MaxPool2d(3, 2, ceil_mode=True), (4, 8, 8), False),
+    "avgpool": (lambda: nn.AvgPool2d(2), (4, 6, 6), False),
+    "avgpool_k3s2p1_nopad_ceil": (lambda: nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False),
+                                  (4, 8, 8), False),
+    "global_avgpool": (lambda: nn.AdaptiveAvgPool2d(1), (4, 5, 5), False),
+    "flatten": (nn.Flatten, (4, 5, 5), False),
+    "add": (Residual, (4, 5, 5), False),
+    "dropout": (lambda: nn.Dropout(0.5), (4, 5, 5), False),
+    "identity": (nn.Identity, (4, 5, 5), False),
+}
+
+
+def _randomise(model: nn.Module) -> None:
+    """Non-trivial affine weights and running statistics (defaults are 1/0)."""
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.rand_like(t) + 0.5 if name.endswith("running_var") else torch.randn_like(t))
+
+
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("case", sorted(RULE_CASES))
+def test_rule_matches_torch_jvp(case, m):
+    make, shape, bn_train = RULE_CASES[case]
+    torch.manual_seed(0)
+    model = nn.Sequential(make()).double().eval()
+    _randomise(model)
+    set_bn_training(model, bn_train)
+    nodes = trace(model, shape)
+    mod = ModuleSpec(0, nodes, "input")
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    params = {q: sd[q] for q in weight_names(nodes)}
+    stats = {q: sd[q] for q in stat_names(nodes)}
+    n = 5
+    x = torch.randn(n, *shape, dtype=torch.float64)
+    x_dot = torch.randn(m, n, *shape, dtype=torch.float64)
+    tangents = {q: torch.randn(m, *p.shape, dtype=torch.float64) for q, p in params.items()}
+    for with_x_dot in ([True, False] if params else [True]):
+        xd = x_dot if with_x_dot else None
+        y, yd, new = run_program(TorchOps(torch.float64), nodes, "input", x, xd, params, tangents, stats,
+                                 RuleContext(m, True, bn_train))
+        for j in range(m):
+            ref_stats = {q: v.clone() for q, v in stats.items()}
+            y_ref, yd_ref = jvp_module(model, mod, x, None if xd is None else xd[j], params,
+                                       {q: u[j] for q, u in tangents.items()}, ref_stats)
+            torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(yd[j], yd_ref, rtol=1e-10, atol=1e-10)
+            for q in new:  # train-mode BatchNorm: running statistics updated as nn.BatchNorm2d does
+                torch.testing.assert_close(new[q], ref_stats[q], rtol=1e-10, atol=1e-12)
+        assert bool(new) == bn_train
+
+
+# --------------------------------------------------------------------------- acceptance matrix
+
+
+ZOO = {  # name: (per-sample input shape, small-width config)
+    "mlp": ((1, 8, 8), {"hidden": [32, 16]}),
+    "cnn": ((1, 8, 8), {"channels": [4, 8]}),
+    "resnet18": ((3, 16, 16), {"width": 4}),
+    "resnet18-imagenet": ((3, 16, 16), {"width": 4}),
+    "mobilenetv2": ((3, 16, 16), {"width_mult": 0.25}),
+}
+
+
+def _zoo_export(name: str, out, k: int, bn: str, tangents: int = 1) -> dict:
+    shape, cfg = ZOO[name]
+    torch.manual_seed(0)
+    model = build_model(name, 10, shape, **cfg)
+    return export_model(model, out, shape, 10, modules=k, bn_mode=bn, tangents=tangents, model_spec=model_spec(model))
+
+
+@pytest.mark.parametrize("bn", ["train", "frozen"])
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_exports_validate(name, k, bn, tmp_path):
+    manifest = _zoo_export(name, tmp_path, k, bn)
+    assert len(manifest["modules"]) == k
+    report = validate_artifacts(tmp_path, batch_sizes=(1, 64))
+    assert report.passed, report.table()
+    assert not report.errors
+    measured = [r for r in report.rows if r.status != NA_SINGLE_VALUE]
+    assert all(r.err_y is None or r.err_y < 1e-5 for r in measured), report.table()
+    assert {r.batch for r in measured} == {1, 64}
+    assert sum(r.module == "all" for r in report.rows) == 2
+
+
+def test_single_value_train_bn_is_reported_not_applicable(tmp_path):
+    # resnet18-imagenet on 16x16 reaches 1x1 maps in layer3: at batch 1 train-mode BN is undefined
+    _zoo_export("resnet18-imagenet", tmp_path, 2, "train")
+    report = validate_artifacts(tmp_path, batch_sizes=(1,))
+    na = {(r.module, r.role) for r in report.rows if r.status == NA_SINGLE_VALUE}
+    assert na == {("1", "dual"), ("1", "dual_first"), ("1", "forward"), ("all", "e2e dloss")}
+    assert report.passed and all(r.status == "pass" for r in report.rows if r.role == "eval")
+
+
+def test_several_tangents_validate(tmp_path):
+    _zoo_export("cnn", tmp_path, 2, "train", tangents=3)
+    assert validate_artifacts(tmp_path, batch_sizes=(8,)).passed
+
+
+def test_validation_catches_a_wrong_rule(tmp_path, monkeypatch):
+    """A BatchNorm tangent off by 0.1% must fail, at both batch sizes."""
+    orig = rules.RULES["batchnorm2d"]
+
+    def off(ops, node, xs, xds, p, u, s, ctx):
+        y, yd, new = orig(ops, node, xs, xds, p, u, s, ctx)
+        return y, (None if yd is None else ops.mul(yd, ops.const(1.001))), new
+
+    monkeypatch.setitem(rules.RULES, "batchnorm2d", off)
+    _zoo_export("cnn", tmp_path, 2, "train")
+    report = validate_artifacts(tmp_path, batch_sizes=(1, 64))
+    failed = {(r.module, r.role, r.batch) for r in report.rows if r.status == "FAIL"}
+    assert {("0", "dual_first", 1), ("0", "dual_first", 64)} <= failed
+    assert all(r.status != "FAIL" for r in report.rows if r.role in ("forward", "eval"))  # primal outputs are right
+    assert not report.passed
+
+
+# --------------------------------------------------------------------------- user models
+
+
+class UserNet(nn.Module):
+    """A model outside the zoo: depthwise conv, GELU, residual add, avg-pool, LayerNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.act = nn.GELU()
+        self.pool = nn.AvgPool2d(2)
+        self.flatten = nn.Flatten()
+        self.norm = nn.LayerNorm(8 * 4 * 4)
+        self.act2 = nn.GELU(approximate="tanh")
+        self.head = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.act(self.dw(x))
+        x = self.flatten(self.pool(x))
+        return self.head(self.act2(self.norm(x)))
+
+
+def test_user_model_exports_and_validates(tmp_path):
+    torch.manual_seed(0)
+    model = UserNet()
+    manifest = export_model(model, tmp_path, (3, 8, 8), 5, modules=2, bn_mode="frozen")
+    assert manifest["model"]["name"] == "custom"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = validate_artifacts(tmp_path, model=model, batch_sizes=(1, 16))
+    assert report.passed, report.table()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the caller's model is untouched
+    with pytest.raises(ValueError, match="model="):
+        validate_artifacts(tmp_path)
+
+
+class Gated(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.gate = nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate(self.fc(x))
+
+
+class Concat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.fc(x), x], 1)
+
+
+def test_unsupported_layer_is_named(tmp_path):
+    with pytest.raises(UnsupportedLayerError, match=r"layer 'gate' \(Sigmoid\).*Supported layers"):
+        export_model(Gated(), tmp_path, (4,), 4)
+    with pytest.raises(UnsupportedLayerError, match=r"'cat'.*no dual rule"):
+        export_model(Concat(), tmp_path, (4,), 8)
+
+
+def test_split_inside_residual_block_is_refused():
+    torch.manual_seed(0)
+    program = trace(build_model("resnet18", 10, (3, 16, 16), width=4), (3, 16, 16))
+    with pytest.raises(SplitError, match=r"layer1\.0\.conv2.*inside a residual block"):
+        split_program(program, at=["layer1.0.conv2"])
+    assert [m.nodes[0].name for m in split_program(program, at=["layer2"])][1] == "layer2.0.downsample.0"
+
+
+# --------------------------------------------------------------------------- tampering
+
+
+def test_tampered_graph_is_an_artifact_error(tmp_path):
+    _zoo_export("mlp", tmp_path, 2, "frozen")
+    path = tmp_path / "module1.dual.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    arts = load_artifacts(tmp_path)
+    arts.graph_bytes(0, "dual_first")  # untouched files still load
+    with pytest.raises(ArtifactError, match="module1.dual.onnx.*checksum"):
+        arts.graph_bytes(1, "dual")
+    with pytest.raises(ArtifactError, match="checksum"):
+        validate_artifacts(tmp_path)
+    result = CliRunner().invoke(app, ["validate", str(tmp_path)])
+    assert result.exit_code == 2 and "checksum" in result.output and "Traceback" not in result.output
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+EXPORT_OPTIONS = ("--model", "--out", "--num-classes", "--input-shape", "--modules", "--split", "--weights", "--bn",
+                  "--tangents", "--config", "--seed")
+
+
+def test_cli_help_mentions_every_option():
+    runner = CliRunner()
+    text = runner.invoke(app, ["export", "--help"], terminal_width=200).output
+    assert all(opt in text for opt in EXPORT_OPTIONS)
+    text = runner.invoke(app, ["validate", "--help"], terminal_width=200).output
+    assert all(opt in text for opt in ("--batch-sizes", "--tol", "--seed"))
+
+
+def test_cli_export_then_validate(tmp_path):
+    out = tmp_path / "art"
+    runner = CliRunner()
+    result = runner.invoke(app, ["export", "--model", "resnet18", "--config", "width=4", "--num-classes", "10",
+                                 "--input-shape", "3,16,16", "--split", "layer2,layer4", "--bn", "frozen",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["module", "layers", "params", "dual", "MFLOP/sample", "files"]
+    assert lines[2].split()[1:4] == ["layer2.0.downsample.0", "..", "layer3.1.relu2"]
+    assert load_artifacts(out).manifest["model"]["config"] == {"width": 4}
+    result = runner.invoke(app, ["validate", str(out), "--batch-sizes", "2,8"])
+    assert result.exit_code == 0, result.output
+    assert "PASSED" in result.stdout and "e2e dloss" in result.stdout
+
+
+def test_cli_validate_exits_1_on_a_wrong_graph(tmp_path, monkeypatch):
+    orig = rules.RULES["relu"]
+
+    def no_mask(ops, node, xs, xds, p, u, s, ctx):  # forgets the ReLU derivative mask
+        y, _, new = orig(ops, node, xs, xds, p, u, s, ctx)
+        return y, (xds[0] if ctx.dual else None), new
+
+    monkeypatch.setitem(rules.RULES, "relu", no_mask)
+    _zoo_export("mlp", tmp_path, 1, "train")
+    result = CliRunner().invoke(app, ["validate", str(tmp_path), "--batch-sizes", "4"])
+    assert result.exit_code == 1 and "FAIL" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "vgg"], "unknown model 'vgg'"),
+    (["--model", "mlp", "--input-shape", "1,8"], "--input-shape must be 3"),
+    (["--model", "mlp", "--input-shape", "1,x,8"], "--input-shape must be 3"),
+    (["--model", "mlp", "--modules", "50"], "cannot split into 50 modules"),
+    (["--model", "mlp", "--modules", "2", "--split", "layers.2"], "not both"),
+    (["--model", "resnet18", "--config", "width=4", "--split", "layer1.0.conv2"], "inside a residual block"),
+    (["--model", "mlp", "--split", "nope"], "no layer of that name"),
+    (["--model", "mlp", "--bn", "sometimes"], "--bn must be one of"),
+    (["--model", "mlp", "--config", "depth=3"], "unknown option"),
+    (["--model", "mlp", "--config", "hidden"], "key=value"),
+    (["--model", "mlp", "--weights", "missing.pth"], "not found"),
+    (["--model", "mlp", "--tangents", "0"], "tangents must be"),
+])
+def test_cli_export_errors_exit_2_with_a_message(tmp_path, args, message):
+    base = {"--num-classes": "10", "--input-shape": "1,8,8", "--out": str(tmp_path / "a")}
+    for opt, val in base.items():
+        if opt not in args:
+            args = [*args, opt, val]
+    result = CliRunner().invoke(app, ["export", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
+
+
+def test_cli_validate_missing_dir_exits_2(tmp_path):
+    result = CliRunner().invoke(app, ["validate", str(tmp_path / "none")])
+    assert result.exit_code == 2 and "manifest.json is missing" in result.stderr
