@@ -1,8 +1,7 @@
 """The `asyncfgd-app` command line (typer)."""
 import typer
 
-from . import cmd_bench, cmd_bench_pipeline, cmd_train, doctor
-from asyncfgd.app import cmd_export
+from . import cmd_bench, cmd_bench_pipeline, cmd_bench_tangents, cmd_export, cmd_train, doctor
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Forward-gradient (AsyncFGD) training without backpropagation.")
 
@@ -17,6 +16,7 @@ def version() -> None:
 doctor.register(app)
 cmd_bench.register(app)
 cmd_bench_pipeline.register(app)
+cmd_bench_tangents.register(app)
 cmd_train.register(app)
 cmd_export.register(app)
 
