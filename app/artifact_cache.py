@@ -52,28 +52,6 @@ class ExportOptions:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def parse_config(items: list[str]) -> dict[str, Any]:
-    """``["hidden=256,128", "width=32"]`` -> ``{"hidden": [256, 128], "width": 32}``.
-
-    A value is JSON (``[128]``, ``0.5``) or, if it contains a comma, a list of JSON items.
-    """
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--config expects KEY=VALUE (e.g. hidden=256,128), got {item!r}")
-        parts = [p for p in raw.split(",") if p] if "," in raw else None
-        out[key] = [_scalar(p) for p in parts] if parts is not None else _scalar(raw)
-    return out
-
-
-def _scalar(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
 def _file_sha256(path: Path) -> str:
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -4,7 +4,8 @@ The model is rebuilt from the artifacts' zoo spec and initial weights (so FGD an
 from identical weights), BatchNorm runs in the artifacts' mode (``train``: batch statistics,
 ``frozen``: running statistics) and the optimizer is torch.optim's counterpart of the runtime's
 (same formulas). One difference: ``--clip-norm`` clips the whole model's gradient norm here, but
-each pipeline module's own norm in FGD.
+each pipeline module's own norm in FGD. ``--freeze-until`` freezes the same modules' parameters as
+it does in FGD (no gradient, no update): with the head as the only trained module, a linear probe.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from asyncfgd.runtime.artifacts import Artifacts
 from asyncfgd.runtime.scheduler import NonFiniteLoss, StepOutcome
 
 from . import checkpoint
-from .checkpoint import Arrays, model_state, section
+from .freeze import frozen_modules
 from .train import TrainConfig, TrainError
 
 
@@ -70,7 +71,10 @@ class BpLearner:
             torch.set_num_threads(cfg.threads)
         self.model = build_from_spec(arts.manifest["model"], arts.weights, arts.root)
         self.train_bn = arts.bn_mode == "train"
-        self.params = list(self.model.parameters())
+        frozen = {n for m in arts.modules[:frozen_modules(arts.modules, cfg.freeze_until)] for n in m.param_names}
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(name not in frozen)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.param_names = {n for n, _ in self.model.named_parameters()}
         self.opt = make_torch_optimizer(cfg.optimizer, self.params, cfg.lr, cfg.weight_decay)
         self.lr, self.clip_norm = cfg.lr_fn(steps_per_epoch), cfg.clip_norm
@@ -105,8 +109,8 @@ class BpLearner:
         with torch.no_grad():
             return self.model(torch.from_numpy(x)).numpy()
 
-    def state(self) -> tuple[Arrays, dict[str, Any]]:
-        arrays: Arrays = {}
+    def state(self) -> tuple[checkpoint.Arrays, dict[str, Any]]:
+        arrays: checkpoint.Arrays = {}
         for k, v in self.model.state_dict().items():
             if not k.endswith("num_batches_tracked"):
                 arrays[f"{'param' if k in self.param_names else 'buffer'}/{k}"] = v.numpy().copy()
@@ -114,11 +118,11 @@ class BpLearner:
             arrays.update({f"optim/{i}/{k}": v.numpy().copy() for k, v in st.items() if v is not None})
         return arrays, {"next_step": self.step}
 
-    def load_state(self, arrays: Arrays, meta: dict[str, Any]) -> None:
-        load_into(self.model, model_state(arrays))
+    def load_state(self, arrays: checkpoint.Arrays, meta: dict[str, Any]) -> None:
+        load_into(self.model, checkpoint.model_state(arrays))
         saved = self.opt.state_dict()
         state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, v in section(arrays, "optim").items():
+        for key, v in checkpoint.section(arrays, "optim").items():
             i, name = key.split("/", 1)
             state.setdefault(int(i), {})[name] = torch.from_numpy(v.copy())
         self.opt.load_state_dict({"state": state, "param_groups": saved["param_groups"]})

@@ -40,9 +40,11 @@ def _write_npz(file: Any, arrays: Arrays) -> None:
 
 def save(path: Path, arrays: Arrays, meta: dict[str, Any]) -> None:
     """Atomically replace ``path`` with ``arrays`` + ``meta``; on failure the old file is untouched."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    tmp: str | None = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # not mkstemp's 0600: other users may read the run
             _write_npz(f, {**arrays, _META: np.array(json.dumps(meta))})
             f.flush()
             os.fsync(f.fileno())
@@ -53,7 +55,8 @@ def save(path: Path, arrays: Arrays, meta: dict[str, Any]) -> None:
         finally:
             os.close(dir_fd)
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         old = (f"The previous checkpoint {path} is intact: fix the problem (e.g. free disk space) and continue "
                f"with `asyncfgd-app train --resume {path.parent}`." if path.exists()
                else "No earlier checkpoint of this run exists.")

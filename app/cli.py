@@ -1,7 +1,8 @@
 """The `asyncfgd-app` command line (typer)."""
 import typer
 
-from . import cmd_bench, cmd_bench_pipeline, cmd_bench_tangents, cmd_export, cmd_train, doctor
+from . import (cmd_bench, cmd_bench_pipeline, cmd_bench_tangents, cmd_export, cmd_pretrain, cmd_sweep, cmd_train,
+               doctor)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Forward-gradient (AsyncFGD) training without backpropagation.")
 
@@ -18,6 +19,8 @@ cmd_bench.register(app)
 cmd_bench_pipeline.register(app)
 cmd_bench_tangents.register(app)
 cmd_train.register(app)
+cmd_sweep.register(app)
+cmd_pretrain.register(app)
 cmd_export.register(app)
 
 

@@ -43,11 +43,17 @@ def register(app: typer.Typer) -> None:
                                                 help="Create --ort-venv with onnxruntime-training-cpu, then exit."),
         backend: str = typer.Option("onnxruntime", help="Runtime backend for fgd/asyncfgd (e.g. torch-cuda)."),
         device: str = typer.Option("cpu", help="Torch device for bp-torch/fgd-torch (cuda: reports device peak)."),
+        curve: bool = typer.Option(False, "--curve", help="Instead: test accuracy vs time and epochs, bp/fgd/asyncfgd "
+                                                          "trained with the `train` defaults for --budget-s each."),
+        budget_s: float = typer.Option(60.0, help="--curve: wall-clock seconds per method."),
     ) -> None:
         from .bench import BenchConfig, format_memory_model, format_table, run_bench, setup_ort_training, write_plot
 
         if setup:
             setup_ort_training(ort_venv, typer.echo)
+            return
+        if curve:
+            _curve(budget_s, json_out, plot)
             return
         cfg = BenchConfig(model=model, modules=modules, batch=batch, steps=steps, warmup=warmup, repeats=repeats,
                           methods=[m.strip() for m in methods.split(",") if m.strip()],
@@ -67,3 +73,18 @@ def register(app: typer.Typer) -> None:
             write_plot(report, plot)
             typer.echo(f"wrote {plot}")
 
+
+
+def _curve(budget_s: float, json_out: Path | None, plot: Path | None) -> None:
+    from .bench_curve import plot_curve, run_curve
+
+    with tempfile.TemporaryDirectory() as tmp:
+        curves = run_curve(Path(tmp), budget_s, log=typer.echo)
+    for method, hist in curves.items():
+        best = max((h["test_acc"] for h in hist), default=float("nan"))
+        typer.echo(f"{method:9s} {len(hist):5d} epochs in {budget_s:.0f} s, best test acc {best:.1%}")
+    if json_out:
+        json_out.write_text(json.dumps({"budget_s": budget_s, "curves": curves}, indent=1))
+        typer.echo(f"wrote {json_out}")
+    plot_curve(curves, plot or Path("bench-curve.png"), f"train defaults, {budget_s:.0f} s per method")
+    typer.echo(f"wrote {plot or 'bench-curve.png'}")

@@ -23,7 +23,7 @@ def _fail(message: str) -> NoReturn:
     raise typer.Exit(USAGE_ERROR)
 
 
-def parse_ints(text: str, what: str, count: int | None = None) -> list[int]:
+def parse_ints(text: str, what: str, example: str, count: int | None = None) -> list[int]:
     """'3,32,32' -> [3, 32, 32]; positive integers only, ``count`` of them if given."""
     try:
         values = [int(t) for t in text.split(",")]
@@ -31,7 +31,7 @@ def parse_ints(text: str, what: str, count: int | None = None) -> list[int]:
         values = []
     if not values or any(v < 1 for v in values) or (count is not None and len(values) != count):
         n = f"{count} " if count else ""
-        _fail(f"{what} must be {n}comma-separated positive integers (e.g. 3,32,32), got {text!r}")
+        _fail(f"{what} must be {n}comma-separated positive integers (e.g. {example}), got {text!r}")
     return values
 
 
@@ -71,7 +71,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def export(
-        model: str = typer.Option(..., "--model", help="Zoo model: mlp, cnn, resnet18, resnet18-imagenet, mobilenetv2."),
+        model: str = typer.Option(..., "--model", help="Zoo model: mlp, cnn, resnet18, resnet18-imagenet, "
+                                  "mobilenetv2."),
         out: Path = typer.Option(..., "--out", help="Artifact directory to write (created if missing)."),
         num_classes: int = typer.Option(..., "--num-classes", help="Number of classes of the classifier head."),
         input_shape: str = typer.Option(..., "--input-shape", help="Input C,H,W of one sample, e.g. 3,32,32."),
@@ -103,7 +104,7 @@ def register(app: typer.Typer) -> None:
             _fail(f"--modules must be at least 1, got {modules}")
         if bn not in BN_MODES:
             _fail(f"--bn must be one of {', '.join(BN_MODES)}, got {bn!r}")
-        shape = tuple(parse_ints(input_shape, "--input-shape", 3))
+        shape = tuple(parse_ints(input_shape, "--input-shape", "3,32,32", 3))
         cuts = [s.strip() for s in split.split(",") if s.strip()] if split else None
         k = len(cuts) + 1 if cuts else (modules or 1)
         try:
@@ -139,7 +140,7 @@ def register(app: typer.Typer) -> None:
         from asyncfgd.exporter.validate import validate_artifacts
         from asyncfgd.runtime.artifacts import ArtifactError
 
-        sizes = tuple(parse_ints(batch_sizes, "--batch-sizes"))
+        sizes = tuple(parse_ints(batch_sizes, "--batch-sizes", "1,64"))
         try:
             report = validate_artifacts(artifacts_dir, batch_sizes=sizes, seed=seed, tol=tol)
         except (ArtifactError, ValueError) as exc:

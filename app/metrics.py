@@ -17,6 +17,11 @@ import numpy as np
 COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "samples_per_s", "wall_s", "peak_rss_mb")
 
 
+def columns(eval_name: str = "test") -> tuple[str, ...]:
+    """COLUMNS for a run evaluated on ``eval_name`` ("test", or "val" for a validation split)."""
+    return tuple(c.replace("test_", f"{eval_name}_") for c in COLUMNS)
+
+
 def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
     """Mean cross-entropy of integer ``labels`` under ``logits`` (N, C), computed stably in float64."""
     z = logits.astype(np.float64)
@@ -73,15 +78,15 @@ class EpochStats:
         return asdict(self)
 
 
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+def write_csv(path: Path, rows: list[dict[str, Any]], eval_name: str = "test") -> None:
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns(eval_name))
         writer.writeheader()
         writer.writerows(rows)
 
 
-def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
-    """Loss and accuracy (train and test) against epoch, with the non-interactive Agg backend."""
+def plot(path: Path, rows: list[dict[str, Any]], title: str, eval_name: str = "test") -> None:
+    """Loss and accuracy (train and test or val) against epoch, with the non-interactive Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,7 +94,7 @@ def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
 
     epochs = [r["epoch"] for r in rows]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for split in ("train", "test"):
+    for split in ("train", eval_name):
         ax_loss.plot(epochs, [r[f"{split}_loss"] for r in rows], marker=".", label=split)
         ax_acc.plot(epochs, [100 * r[f"{split}_acc"] for r in rows], marker=".", label=split)
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")

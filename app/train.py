@@ -8,6 +8,11 @@ Resumability: batches are a pure function of (seed, epoch, batch index), tangent
 step, module), schedules of the step; the checkpoint holds everything else (weights, BN
 statistics, optimizer states, the pipeline's in-flight mini-batches), so a resumed run repeats
 the uninterrupted one bit for bit.
+
+``--validation F`` evaluates on a stratified fraction F carved off the training set (and trains on
+the rest), for choosing hyper-parameters without looking at the test set; the metrics columns are
+then ``val_loss``/``val_acc``. ``--epochs 0`` only evaluates the starting weights (e.g. pretrained
+ones before fine-tuning).
 """
 from __future__ import annotations
 
@@ -30,7 +35,8 @@ from asyncfgd.runtime.schedules import AlphaSchedule, lr_at
 
 from . import checkpoint, metrics
 from .artifact_cache import ExportOptions, cached_artifacts
-from .data import ArrayDataset, BatchStream, DatasetSplits, load_dataset, one_hot
+from .data import ArrayDataset, BatchStream, DatasetSplits, load_dataset, one_hot, split_validation
+from .freeze import freeze_note, frozen_modules
 
 #: test hook: the process SIGKILLs itself after feeding this many mini-batches in total
 KILL_ENV = "ASYNCFGD_TEST_SIGKILL_AT_STEP"
@@ -41,6 +47,10 @@ PLOT_EVERY_S = 10.0
 
 class TrainError(Exception):
     """The run cannot start or continue as configured; the message says what to change."""
+
+
+class Diverged(TrainError):
+    """The loss became NaN/inf (a learning-rate sweep counts this as a lost candidate, not an error)."""
 
 
 class Interrupted(Exception):
@@ -88,6 +98,9 @@ class TrainConfig:
     seed: int = 0
     threads: int = 1
     augment: bool = False
+    validation: float = 0.0  # > 0: evaluate on this fraction of the train set, train on the rest
+    freeze_until: str | None = None  # modules up to the one holding this layer get alpha 0 (and bp freezes them)
+    lr_sweep: str | None = None  # the sweep directory whose winner is ``lr`` (train --lr auto)
     run_dir: str = ""
 
     def alpha_schedule(self) -> AlphaSchedule:
@@ -96,7 +109,7 @@ class TrainConfig:
 
     def lr_fn(self, steps_per_epoch: int) -> Callable[[int], float]:
         """Learning rate by step; ``step`` decays 10x at one and two thirds of training."""
-        total = self.epochs * steps_per_epoch
+        total = max(self.epochs * steps_per_epoch, 1)  # --epochs 0 builds a learner that never steps
         step_size = max(math.ceil(total / 3), 1)
         return lambda s: lr_at(self.lr_schedule, self.lr, s, total, step_size=step_size)
 
@@ -136,9 +149,10 @@ class FgdLearner:
         self.runners = load_runners(arts, cfg.backend, cfg.threads or None)
         schedule, K = cfg.alpha_schedule(), len(self.runners)
         schedule.alpha(K - 1, K, 0.0)  # a wrong number of --alphas fails here, before training
+        frozen = frozen_modules(arts.modules, cfg.freeze_until)
 
         def alpha(module: int, step: int) -> float:
-            return schedule.alpha(module, K, step / steps_per_epoch)
+            return 0.0 if module < frozen else schedule.alpha(module, K, step / steps_per_epoch)
 
         self.scheduler = make_scheduler(self.runners, cfg.method, cfg.optimizer, cfg.lr_fn(steps_per_epoch), alpha,
                                         Perturbation(cfg.seed, cfg.tangent_mode, cfg.store_tangents),
@@ -172,11 +186,12 @@ def check_fit(arts: Artifacts, data: DatasetSplits) -> None:
     if arts.num_classes != data.num_classes:
         problems.append(f"{arts.num_classes} classes vs {data.num_classes}")
     if problems:
+        name = arts.manifest["model"]["name"]
         raise TrainError(
             f"the artifacts in {arts.root} do not fit dataset {data.name}: {'; '.join(problems)} (artifacts vs "
-            f"data). Re-export for this dataset, e.g. `asyncfgd-app export --model {arts.manifest['model']['name']} "
-            f"--data {data.name} --out DIR`, or let train export on the fly with "
-            f"`--model {arts.manifest['model']['name']}` instead of --artifacts.")
+            f"data). Re-export for this dataset: `asyncfgd-app export --model {name} --num-classes "
+            f"{data.num_classes} --input-shape {','.join(map(str, data.input_shape))} --out DIR` (with your other "
+            f"export options), or train with `--model {name}` instead of --artifacts to export on the fly.")
 
 
 def resolve_artifacts(cfg: TrainConfig, data: DatasetSplits) -> Artifacts:
@@ -199,6 +214,27 @@ def make_learner(arts: Artifacts, cfg: TrainConfig, steps_per_epoch: int) -> Lea
 
         return BpLearner(arts, cfg, steps_per_epoch)
     return FgdLearner(arts, cfg, steps_per_epoch)
+
+
+@dataclass
+class RunData:
+    """What a run trains on and what it evaluates on after every epoch."""
+
+    train: ArrayDataset
+    eval: ArrayDataset
+    eval_name: str  # "test", or "val" for a split carved off the train set: the metrics columns' prefix
+    num_classes: int
+
+
+def run_data(cfg: TrainConfig, data: DatasetSplits) -> RunData:
+    """The test set, or with ``cfg.validation`` a stratified validation split (fixed by the seed)."""
+    if cfg.validation <= 0:
+        return RunData(data.train, data.test, "test", data.num_classes)
+    if cfg.validation >= 1:
+        raise TrainError(f"--validation is the fraction of the train set held out for evaluation, in (0, 1); "
+                         f"got {cfg.validation}.")
+    kept, held = split_validation(data.train, cfg.validation, cfg.seed)
+    return RunData(kept, held, "val", data.num_classes)
 
 
 def evaluate_split(learner: Learner, ds: ArrayDataset) -> tuple[float, float]:
@@ -237,21 +273,20 @@ class _SigintFlag:
         signal.signal(signal.SIGINT, self._old)
 
 
-def _save(run_dir: Path, cfg: TrainConfig, model_spec: dict[str, Any], learner: Learner, progress: Progress,
-          finished: bool) -> None:
+def _save(run_dir: Path, cfg: TrainConfig, model_spec: dict[str, Any], learner: Learner, progress: Progress) -> None:
     arrays, learner_meta = learner.state()
     checkpoint.save(run_dir / checkpoint.FILENAME, arrays, checkpoint.stamp({
-        "config": asdict(cfg), "model_spec": model_spec, "learner": learner_meta, "finished": finished,
+        "config": asdict(cfg), "model_spec": model_spec, "learner": learner_meta,
         "position": {"epoch": progress.epoch, "batch": progress.batch}, "stats": progress.stats.to_dict(),
         "history": progress.history, "elapsed_s": progress.elapsed_s}))
 
 
-def _restore(run_dir: Path, learner: Learner) -> tuple[Progress, bool]:
+def _restore(run_dir: Path, learner: Learner) -> Progress:
     arrays, meta = checkpoint.load(run_dir / checkpoint.FILENAME)
     learner.load_state(arrays, meta["learner"])
     pos = meta["position"]
     return Progress(pos["epoch"], pos["batch"], metrics.EpochStats(**meta["stats"]), meta["history"],
-                    meta["elapsed_s"]), bool(meta["finished"])
+                    meta["elapsed_s"])
 
 
 def saved_config(run_dir: Path) -> TrainConfig:
@@ -260,46 +295,71 @@ def saved_config(run_dir: Path) -> TrainConfig:
     return TrainConfig(**meta["config"])
 
 
-def _write_config(run_dir: Path, cfg: TrainConfig, arts: Artifacts, data: DatasetSplits, steps: int) -> None:
+def _write_config(run_dir: Path, cfg: TrainConfig, arts: Artifacts, data: DatasetSplits, rd: RunData,
+                  steps: int) -> None:
     resolved = {**asdict(cfg), "artifacts_dir": str(arts.root), "model_spec": arts.manifest["model"],
                 "num_modules": len(arts.modules), "artifact_tangents": arts.tangents, "bn_mode": arts.bn_mode,
-                "dataset": {"name": data.name, "train": len(data.train), "test": len(data.test)},
+                "frozen_modules": frozen_modules(arts.modules, cfg.freeze_until),
+                "dataset": {"name": data.name, "train": len(rd.train), rd.eval_name: len(rd.eval),
+                            "evaluated_on": "validation" if rd.eval_name == "val" else "test"},
                 "steps_per_epoch": steps, "total_steps": steps * cfg.epochs}
     (run_dir / "config.json").write_text(json.dumps(resolved, indent=1) + "\n")
 
 
-def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = print) -> float:
-    """Run (or continue) training; returns the final test accuracy."""
+def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = print, bars: bool = True) -> float:
+    """Run (or continue) training; returns the final accuracy on the evaluation split (test or validation).
+
+    ``bars=False`` hides the per-epoch progress bars (runs in parallel would garble the terminal).
+    """
     run_dir = Path(cfg.run_dir)
     if not resume and (run_dir / checkpoint.FILENAME).exists():
         raise TrainError(f"{run_dir} already holds a run; continue it with `--resume {run_dir}` or pick another "
                          f"--run-dir.")
     data = load_dataset(cfg.data)
+    rd = run_data(cfg, data)
     arts = resolve_artifacts(cfg, data)
-    stream = BatchStream(data.train, cfg.batch_size, cfg.seed, shuffle=True, augment=cfg.augment)
+    note = freeze_note(arts.modules, cfg.freeze_until)  # an unknown layer fails here, before any output
+    stream = BatchStream(rd.train, cfg.batch_size, cfg.seed, shuffle=True, augment=cfg.augment)
     steps = len(stream)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_config(run_dir, cfg, arts, data, steps)
+    _write_config(run_dir, cfg, arts, data, rd, steps)
+    if note:
+        log(note)
     learner = make_learner(arts, cfg, steps)
     try:
-        progress, finished = _restore(run_dir, learner) if resume else (Progress(), False)
-        if finished and progress.finished_epochs >= cfg.epochs:
-            log(f"{run_dir} finished all {cfg.epochs} epochs already.")
+        if cfg.epochs == 0 and not resume:
+            return _evaluate_only(cfg, run_dir, rd, learner, log, arts.manifest["model"])
+        progress = _restore(run_dir, learner) if resume else Progress()
+        if progress.finished_epochs >= cfg.epochs:
+            log(f"{run_dir} has finished its {cfg.epochs} epochs already (extend it with --epochs).")
         else:
-            _loop(cfg, run_dir, data, stream, learner, progress, log, arts.manifest["model"])
-        return progress.history[-1]["test_acc"]
+            _loop(cfg, run_dir, rd, stream, learner, progress, log, arts.manifest["model"], bars)
+        return progress.history[-1][f"{rd.eval_name}_acc"]
     except NonFiniteLoss as exc:
         kept = (f"the last good checkpoint (after epoch {progress.finished_epochs}) in {run_dir} is kept"
                 if (run_dir / checkpoint.FILENAME).exists() else "no checkpoint had been written yet")
-        raise TrainError(f"training diverged: {exc}. No update was applied for that step and {kept}. Lower the "
+        raise Diverged(f"training diverged: {exc}. No update was applied for that step and {kept}. Lower the "
                          f"learning rate, e.g. by 10x (--lr {cfg.lr / 10:g}), or bound each update with --clip-norm "
                          f"(e.g. 1.0), and start a new run.") from None
     finally:
         learner.close()
 
 
-def _loop(cfg: TrainConfig, run_dir: Path, data: DatasetSplits, stream: BatchStream, learner: Learner,
-          progress: Progress, log: Callable[[str], None], model_spec: dict[str, Any]) -> None:
+def _evaluate_only(cfg: TrainConfig, run_dir: Path, rd: RunData, learner: Learner, log: Callable[[str], None],
+                   model_spec: dict[str, Any]) -> float:
+    """``--epochs 0``: one metrics row (epoch 0, no training columns) for the starting weights; no checkpoint."""
+    loss, acc = evaluate_split(learner, rd.eval)
+    nan = float("nan")
+    row = {"epoch": 0, "train_loss": nan, "train_acc": nan, f"{rd.eval_name}_loss": round(loss, 6),
+           f"{rd.eval_name}_acc": round(acc, 6), "samples_per_s": 0.0, "wall_s": 0.0,
+           "peak_rss_mb": round(metrics.peak_rss_mb(), 1)}
+    metrics.write_csv(run_dir / "metrics.csv", [row], rd.eval_name)
+    log(f"epoch 0 (starting weights, no training): {rd.eval_name} loss {loss:.4f} acc {acc:.1%}")
+    return acc
+
+
+def _loop(cfg: TrainConfig, run_dir: Path, rd: RunData, stream: BatchStream, learner: Learner,
+          progress: Progress, log: Callable[[str], None], model_spec: dict[str, Any], bars: bool) -> None:
     kill_at = int(os.environ.get(KILL_ENV, "0"))
     fed_total = progress.epoch * len(stream) + progress.batch
     started = time.perf_counter() - progress.elapsed_s
@@ -308,10 +368,10 @@ def _loop(cfg: TrainConfig, run_dir: Path, data: DatasetSplits, stream: BatchStr
         for epoch in range(progress.epoch, cfg.epochs):
             stats = progress.stats
             bar = tqdm(total=len(stream), initial=progress.batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       unit="batch", leave=False, dynamic_ncols=True)
+                       unit="batch", leave=False, dynamic_ncols=True, disable=not bars)
             tick = time.perf_counter()
             for i, (x, y) in enumerate(stream.epoch(epoch, progress.batch), start=progress.batch):
-                for out in learner.feed(x, one_hot(y, data.num_classes)):
+                for out in learner.feed(x, one_hot(y, rd.num_classes)):
                     stats.add(out.loss, out.logits, out.labels)
                 stats.fed += len(y)
                 fed_total += 1
@@ -326,25 +386,26 @@ def _loop(cfg: TrainConfig, run_dir: Path, data: DatasetSplits, stream: BatchStr
                     bar.close()
                     progress.epoch, progress.batch = epoch, i + 1
                     progress.elapsed_s = time.perf_counter() - started
-                    _save(run_dir, cfg, model_spec, learner, progress, finished=False)
+                    _save(run_dir, cfg, model_spec, learner, progress)
                     raise Interrupted(run_dir, epoch, i + 1)
             bar.close()
             last = epoch == cfg.epochs - 1
             if last:
                 for out in learner.finish():
                     stats.add(out.loss, out.logits, out.labels)
-            test_loss, test_acc = evaluate_split(learner, data.test)
+            eval_loss, eval_acc = evaluate_split(learner, rd.eval)
             progress.elapsed_s = time.perf_counter() - started
             progress.history.append({
                 "epoch": epoch + 1, "train_loss": round(stats.loss, 6), "train_acc": round(stats.acc, 6),
-                "test_loss": round(test_loss, 6), "test_acc": round(test_acc, 6),
+                f"{rd.eval_name}_loss": round(eval_loss, 6), f"{rd.eval_name}_acc": round(eval_acc, 6),
                 "samples_per_s": round(stats.samples_per_s, 1), "wall_s": round(progress.elapsed_s, 3),
                 "peak_rss_mb": round(metrics.peak_rss_mb(), 1)})
             progress.epoch, progress.batch, progress.stats = epoch + 1, 0, metrics.EpochStats()
-            _save(run_dir, cfg, model_spec, learner, progress, finished=last)
-            metrics.write_csv(run_dir / "metrics.csv", progress.history)
+            _save(run_dir, cfg, model_spec, learner, progress)
+            metrics.write_csv(run_dir / "metrics.csv", progress.history, rd.eval_name)
             if last or time.perf_counter() - plotted > PLOT_EVERY_S:
-                metrics.plot(run_dir / "curves.png", progress.history, f"{model_spec['name']} - {cfg.method}")
+                metrics.plot(run_dir / "curves.png", progress.history, f"{model_spec['name']} - {cfg.method}",
+                             rd.eval_name)
                 plotted = time.perf_counter()
-            log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats.loss:.4f} acc {stats.acc:.1%} | test loss "
-                f"{test_loss:.4f} acc {test_acc:.1%} | {stats.samples_per_s:.0f} samples/s")
+            log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats.loss:.4f} acc {stats.acc:.1%} | {rd.eval_name} "
+                f"loss {eval_loss:.4f} acc {eval_acc:.1%} | {stats.samples_per_s:.0f} samples/s")

@@ -12,7 +12,8 @@ Two float32 effects are not graph bugs and are told apart from them:
 - Conditioning: train-mode BatchNorm over a handful of values (batch 1, 2×2 maps) amplifies
   rounding; PyTorch's own float32 is then off by 1e-3. Each quantity's threshold is
   max(tol, KAPPA × the error of the same model run in float32 PyTorch), taking the worst of
-  FLOOR_DRAWS draws (the inputs, then the inputs jittered by an ulp).
+  FLOOR_DRAWS draws (the inputs, then the inputs jittered by an ulp); only computed when an
+  error exceeds tol.
 - Kinks: a ReLU input within rounding of 0 (or a MaxPool near-tie) can take the other branch
   in float32, changing one sample's tangent by O(1). A sample over its threshold is excused
   if a float32 pass met a kink within KINK_DELTA in it (at most a quarter of the batch);
@@ -108,7 +109,8 @@ def validate_artifacts(artifacts_dir: str | Path, model: torch.nn.Module | None 
             check.sessions[info.index, role] = _open_checked(arts, info, role, report)
     for info, mod in zip(arts.modules, check.specs):
         for role in info.graphs:
-            report.rows += [check.retrying(lambda s: check.module_row(info, mod, role, n, s), seed) for n in batch_sizes]
+            report.rows += [check.retrying(lambda s: check.module_row(info, mod, role, n, s), seed)
+                            for n in batch_sizes]
     report.rows += [check.retrying(lambda s: check.end_to_end_row(n, s), seed) for n in batch_sizes]
     return report
 
@@ -232,7 +234,8 @@ def _reference(model: torch.nn.Module, arts: Artifacts, mod: ModuleSpec, info: M
     if role in DUAL_ROLES:
         pairs = [jvp_module(model, mod, x, None if inp.x_dot is None else cv(inp.x_dot[j]), params,
                             {q: cv(inp.tangents[q][j]) for q in names},
-                            stats if j == 0 else {q: v.clone() for q, v in stats.items()}) for j in range(arts.tangents)]
+                            stats if j == 0 else {q: v.clone() for q, v in stats.items()})
+                 for j in range(arts.tangents)]
         y, y_dot = pairs[0][0], torch.stack([yd for _, yd in pairs])
     else:
         with torch.no_grad():
@@ -277,7 +280,8 @@ def _aux_head(y: torch.Tensor, y_dot: torch.Tensor, head: list[tuple[torch.Tenso
     return pairs[0][0], torch.stack([zd for _, zd in pairs])
 
 
-def _grad_dot(model: torch.nn.Module, arts: Artifacts, specs: list[ModuleSpec], inp: _Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+def _grad_dot(model: torch.nn.Module, arts: Artifacts, specs: list[ModuleSpec],
+              inp: _Inputs) -> tuple[torch.Tensor, torch.Tensor]:
     """(∇L·u_j, Σ_i |∇L_i·u_ij|) per tangent j, by float64 autograd through the model's own forward."""
     names = [q for mod in specs for q in weight_names(mod.nodes)]
     state = model.state_dict()
@@ -424,7 +428,7 @@ class _Checker:
         return row, kinked
 
     def end_to_end_row(self, n: int, seed: int) -> tuple[ValidationRow, bool]:
-        """Chain all dual graphs in ORT; loss_dot_j against ∇L·u_j (autograd, float64), relative to Σ|∇L_i·u_ij|."""
+        """Chain all dual graphs in ORT; loss_dot_j vs ∇L·u_j (float64 autograd), relative to Σ_i |∇L_i·u_ij|."""
         arts = self.arts
         row = ValidationRow("all", "e2e dloss", n)
         bn_train = arts.bn_mode == "train"

@@ -50,6 +50,7 @@ CANDIDATES: dict[str, TrainConfig] = {
     "cnn uniform, 8 tangents": CNN,
     "cnn head-only, 8 tangents": replace(CNN, alpha_preset="head-only"),
     "cnn paper (warm 10, ramp 5, 0.15), 8 tangents": replace(CNN, **PAPER),
+    "cnn uniform, 8 tangents, constant lr": replace(CNN, lr_schedule="constant"),
     "cnn uniform, 16 tangents, 100 epochs": replace(CNN, tangents=16, epochs=100),
     "cnn bp, 100 epochs": replace(CNN, epochs=100, method="bp"),
 }

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from asyncfgd.app import bench_worker
 from asyncfgd.app.bench import (BenchConfig, format_memory_model, format_table, run_bench, venv_python,
                                 write_ort_training_base, write_plot)
+from asyncfgd.app.bench_curve import plot_curve, run_curve
 from asyncfgd.app.cli import app
 from asyncfgd.app.memory_model import predict, widest_point
 from asyncfgd.exporter.export import export_model
@@ -154,3 +155,15 @@ def test_bp_ort_runs_in_its_venv(tmp_path):
     cfg = BenchConfig(**{**TINY, "repeats": 1}, methods=["bp-ort"], ort_venv=ORT_VENV)
     r = run_bench(cfg, tmp_path, log=lambda _: None)["methods"]["bp-ort"]
     assert r["samples_per_s"] > 0 and r["peak_rss_mb"] > r["baseline_rss_mb"], r
+
+
+# -- --curve ---------------------------------------------------------------------------------------
+
+def test_curve_stops_each_method_at_its_budget_and_plots(tmp_path):
+    curves = run_curve(tmp_path, budget_s=1.0, methods=("fgd",), log=lambda _: None)
+    hist = curves["fgd"]
+    assert hist and all(h["wall_s"] > 0 and 0 <= h["test_acc"] <= 1 for h in hist)
+    assert [h["epoch"] for h in hist] == list(range(1, len(hist) + 1))
+    assert len(hist) < 1000 and hist[-1]["wall_s"] >= 1.0  # stopped once the budget was reached
+    plot_curve({"fgd": hist, "bp": hist}, tmp_path / "curve.png", "test")
+    assert (tmp_path / "curve.png").read_bytes()[:8] == PNG

@@ -6,7 +6,6 @@ Each rule runs on TorchOps(float64) inside a one-layer model and is compared wit
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -23,7 +22,7 @@ from asyncfgd.exporter.program import UnsupportedLayerError, trace
 from asyncfgd.exporter.reference_modules import jvp_module, set_bn_training
 from asyncfgd.exporter.rules import RuleContext
 from asyncfgd.exporter.split import ModuleSpec, SplitError, split_program
-from asyncfgd.exporter.validate import NA_SINGLE_VALUE, validate_artifacts
+from asyncfgd.exporter.validate import NA_SINGLE_VALUE, _judge, _kink_samples, validate_artifacts
 from asyncfgd.runtime.artifacts import ArtifactError, load_artifacts
 
 # --------------------------------------------------------------------------- per-rule tests
@@ -137,7 +136,7 @@ def test_zoo_exports_validate(name, k, bn, tmp_path):
     assert report.passed, report.table()
     assert not report.errors
     measured = [r for r in report.rows if r.status != NA_SINGLE_VALUE]
-    assert all(r.err_y is None or r.err_y < 1e-5 for r in measured), report.table()
+    assert all(r.err_y is None or r.err_y < 1e-4 for r in measured), report.table()
     assert {r.batch for r in measured} == {1, 64}
     assert sum(r.module == "all" for r in report.rows) == 2
 
@@ -171,6 +170,34 @@ def test_validation_catches_a_wrong_rule(tmp_path, monkeypatch):
     assert {("0", "dual_first", 1), ("0", "dual_first", 64)} <= failed
     assert all(r.status != "FAIL" for r in report.rows if r.role in ("forward", "eval"))  # primal outputs are right
     assert not report.passed
+
+
+def test_kink_finder_flags_only_samples_near_a_branch():
+    model = nn.Sequential(nn.ReLU6(), nn.MaxPool2d(2)).double()
+    nodes = trace(model, (1, 2, 2))
+    x = torch.tensor([[[[1.0, -2.0], [3.0, 4.0]]],  # clear of every kink
+                      [[[1e-9, -2.0], [3.0, 4.0]]],  # ReLU6 input at 0
+                      [[[1.0, 6.0 - 1e-9], [3.0, 4.0]]],  # ReLU6 input at 6
+                      [[[1.0, 2.0], [3.0, 3.0 + 1e-9]]]], dtype=torch.float64)  # MaxPool near-tie
+    assert _kink_samples(model, nodes, 4, lambda: model(x)).tolist() == [False, True, True, True]
+
+
+def test_judge_excuses_kink_samples_and_float32_noise_but_not_bugs():
+    n, off = 8, torch.zeros(8, dtype=torch.bool)
+    ref, scales = {"y_dot": torch.ones(1, n, 3, dtype=torch.float64)}, {"y_dot": torch.tensor(1.0)}
+    exact = lambda: [ref]  # noqa: E731  (float32 torch without error)
+    got = {"y_dot": ref["y_dot"].clone()}
+    got["y_dot"][0, 2, 0] += 0.5  # one sample took the other branch of a kink
+    assert _judge(got, ref, scales, n, exact, lambda: off.clone().index_fill_(0, torch.tensor([2]), True),
+                  1e-4)[2] == "pass (1 sample(s) at a kink excused)"
+    assert _judge(got, ref, scales, n, exact, lambda: off.clone(), 1e-4)[2] == "FAIL"  # no kink there
+    got["y_dot"][0, :, 0] += 0.5  # every sample off: a bug, even with kinks everywhere
+    assert _judge(got, ref, scales, n, exact, lambda: ~off, 1e-4)[2] == "FAIL"
+    one = torch.ones(1, dtype=torch.float64)  # loss_dot: float32 torch is itself 5e-4 off, the graph 1e-3
+    ref, scales, got = {"loss_dot": one}, {"loss_dot": one}, {"loss_dot": one + 1e-3}
+    errs, floors, status, _ = _judge(got, ref, scales, n, lambda: [{"loss_dot": one + 5e-4}], lambda: off, 1e-4)
+    assert status == "pass" and floors["loss_dot"] == pytest.approx(5e-4) and errs["loss_dot"] == pytest.approx(1e-3)
+    assert _judge(got, ref, scales, n, lambda: [{"loss_dot": one + 1e-5}], lambda: off, 1e-4)[2] == "FAIL"
 
 
 # --------------------------------------------------------------------------- user models

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from asyncfgd.app import checkpoint, metrics
 from asyncfgd.app import train as train_mod
-from asyncfgd.app.artifact_cache import ExportOptions, cached_artifacts, export, parse_config
+from asyncfgd.app.artifact_cache import ExportOptions, cached_artifacts, export
 from asyncfgd.app.cli import app
 from asyncfgd.app.data import BatchStream, load_dataset
 from asyncfgd.exporter.models import build_model
@@ -210,7 +210,7 @@ def test_artifacts_that_do_not_fit_the_data(art: Path, tmp_path: Path):
     result = _invoke(_args(art, tmp_path / "r", "--data", f"imagefolder:{tmp_path / 'imgs'}:16"))
     msg = _no_traceback(result)
     assert "do not fit dataset imagefolder" in msg and "input shape (1, 8, 8) vs (1, 16, 16)" in msg
-    assert "10 classes vs 3" in msg and "Re-export" in msg
+    assert "10 classes vs 3" in msg and "--num-classes 3 --input-shape 1,16,16" in msg
     assert not (tmp_path / "r" / checkpoint.FILENAME).exists()
 
 
@@ -292,13 +292,6 @@ def test_export_cache_reuses_valid_entries_and_repairs_broken_ones(tmp_path: Pat
     (first / "module0.eval.onnx").write_bytes(b"garbage")
     assert cached_artifacts(_opts()) == first and (first / "manifest.json").stat().st_mtime_ns != mtime
     assert [p.name for p in tmp_path.iterdir()] == [first.name]
-
-
-def test_parse_config():
-    assert parse_config(["hidden=256,128", "width=32", "width_mult=0.5", "channels=[4]"]) == \
-        {"hidden": [256, 128], "width": 32, "width_mult": 0.5, "channels": [4]}
-    with pytest.raises(ValueError, match="KEY=VALUE"):
-        parse_config(["hidden"])
 
 
 # --------------------------------------------------------------------------- defaults

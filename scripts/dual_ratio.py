@@ -1,0 +1,138 @@
+"""How much a forward-gradient step costs over inference: ORT time of the dual graphs / eval graphs.
+
+For each zoo model at full width: export K modules, time every module's dual graph (module 0:
+``dual_first``) and its ``eval`` graph in ONNX Runtime with the runtime's session options
+(batch 64, 2 intra-op threads, median of 5 runs after warm-up; with ``--repeat R`` the least of
+R such medians, taken in turns with the other role, to shed other processes' load), and sum
+over modules. Then
+profile both with ORT's profiler and list where the dual graphs' extra time goes, by op type.
+The FLOP floor of a weight-perturbed dual step is about 3x the forward (shared/TOOLCHAIN.md).
+
+    python scripts/dual_ratio.py [--models resnet18,cnn] [--batch 64] [--threads 2] [--repeat 1] [--out r.json]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from asyncfgd.exporter.export import export_model
+from asyncfgd.exporter.models import build_model, model_spec
+from asyncfgd.runtime.artifacts import Artifacts, load_artifacts
+from asyncfgd.runtime.ort_backend import session_options
+
+CASES = {  # model: (input shape, modules)
+    "mlp": ((1, 8, 8), 4),
+    "cnn": ((1, 8, 8), 4),
+    "resnet18": ((3, 32, 32), 4),
+    "mobilenetv2": ((3, 32, 32), 4),
+    "resnet18-imagenet": ((3, 64, 64), 4),
+}
+RUNS, WARMUP = 5, 2
+
+
+def _feeds(sess: ort.InferenceSession, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    feeds = {}
+    for inp in sess.get_inputs():
+        shape = [batch if isinstance(d, str) else d for d in inp.shape]
+        v = rng.standard_normal(shape).astype(np.float32)
+        feeds[inp.name] = np.abs(v) + 1 if inp.name.endswith("running_var") else v
+    return feeds
+
+
+def _session(arts: Artifacts, index: int, role: str, threads: int, profile: str | None = None) -> ort.InferenceSession:
+    opts = session_options(threads)
+    if profile:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile
+    return ort.InferenceSession(arts.graph_bytes(index, role), opts, providers=["CPUExecutionProvider"])
+
+
+def _median_ms(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> float:
+    for _ in range(WARMUP):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(RUNS):
+        t = time.perf_counter()
+        sess.run(None, feeds)
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def _op_ms(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> collections.Counter:
+    """Kernel time per op type (ms per run), from ORT's profiler."""
+    for _ in range(RUNS):
+        sess.run(None, feeds)
+    path = Path(sess.end_profiling())
+    agg: collections.Counter = collections.Counter()
+    for ev in json.loads(path.read_text()):
+        if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time"):
+            agg[ev["args"]["op_name"]] += ev["dur"] / 1e3 / RUNS
+    path.unlink()
+    return agg
+
+
+def measure(name: str, batch: int, threads: int, repeat: int, work: Path) -> dict:
+    shape, k = CASES[name]
+    torch.manual_seed(0)
+    model = build_model(name, 10, shape)
+    export_model(model, work / name, shape, 10, modules=k, bn_mode="train", model_spec=model_spec(model))
+    arts = load_artifacts(work / name)
+    rng = np.random.default_rng(0)
+    total = {"dual": 0.0, "eval": 0.0}
+    ops = {"dual": collections.Counter(), "eval": collections.Counter()}
+    for info in arts.modules:
+        roles = {"dual": "dual" if info.index else "dual_first", "eval": "eval"}
+        sessions = {kind: _session(arts, info.index, role, threads) for kind, role in roles.items()}
+        feeds = {kind: _feeds(sess, batch, rng) for kind, sess in sessions.items()}
+        medians: dict[str, list[float]] = {kind: [] for kind in roles}
+        for _ in range(repeat):  # in turns, so both roles meet the same background load
+            for kind in roles:
+                medians[kind].append(_median_ms(sessions[kind], feeds[kind]))
+        for kind, role in roles.items():
+            total[kind] += min(medians[kind])
+            ops[kind] += _op_ms(_session(arts, info.index, role, threads, str(work / "prof")), feeds[kind])
+    extra = {op: ops["dual"][op] - ops["eval"][op] for op in ops["dual"] | ops["eval"]}
+    return {"model": name, "input": list(shape), "modules": k, "batch": batch, "threads": threads,
+            "dual_ms": total["dual"], "eval_ms": total["eval"], "ratio": total["dual"] / total["eval"],
+            "dual_ops_ms": dict(ops["dual"].most_common()), "eval_ops_ms": dict(ops["eval"].most_common()),
+            "extra_ops_ms": dict(sorted(extra.items(), key=lambda kv: -kv[1]))}
+
+
+def report(r: dict) -> str:
+    extra = sum(v for v in r["extra_ops_ms"].values())
+    lines = [f"{r['model']:<18} {'x'.join(map(str, r['input'])):>8}  K={r['modules']}  dual {r['dual_ms']:8.2f} ms  "
+             f"eval {r['eval_ms']:8.2f} ms  ratio {r['ratio']:.2f}x"]
+    for op, ms in list(r["extra_ops_ms"].items())[:6]:
+        lines.append(f"    {op:<18} dual {r['dual_ops_ms'].get(op, 0):7.2f}  eval {r['eval_ops_ms'].get(op, 0):7.2f}  "
+                     f"extra {ms:7.2f} ms ({100 * ms / extra:4.1f}% of the extra kernel time)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default=",".join(CASES))
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=1, help="take the least of this many medians per graph")
+    ap.add_argument("--out", type=Path, help="also write the results as JSON")
+    args = ap.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            results.append(measure(name, args.batch, args.threads, args.repeat, Path(tmp)))
+            print(report(results[-1]), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
