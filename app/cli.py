@@ -1,8 +1,8 @@
 """The `asyncfgd-app` command line (typer)."""
 import typer
 
-from . import (cmd_bench, cmd_bench_pipeline, cmd_bench_tangents, cmd_export, cmd_pretrain, cmd_sweep, cmd_train,
-               doctor)
+from . import (cmd_bench, cmd_bench_pipeline, cmd_bench_tangents, cmd_export, cmd_pretrain, cmd_report, cmd_sweep,
+               cmd_train, doctor)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Forward-gradient (AsyncFGD) training without backpropagation.")
 
@@ -21,6 +21,7 @@ cmd_bench_tangents.register(app)
 cmd_train.register(app)
 cmd_sweep.register(app)
 cmd_pretrain.register(app)
+cmd_report.register(app)
 cmd_export.register(app)
 
 

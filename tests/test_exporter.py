@@ -25,6 +25,16 @@ from asyncfgd.exporter.split import ModuleSpec, SplitError, split_program
 from asyncfgd.exporter.validate import NA_SINGLE_VALUE, _judge, _kink_samples, validate_artifacts
 from asyncfgd.runtime.artifacts import ArtifactError, load_artifacts
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """These tensors are tiny: one thread is as fast, and immune to oversubscribed cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --------------------------------------------------------------------------- per-rule tests
 
 
