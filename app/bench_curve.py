@@ -1,9 +1,9 @@
 """`asyncfgd-app bench --curve`: test accuracy against wall-clock time and epochs, bp vs fgd vs asyncfgd.
 
-Each method trains the `asyncfgd-app train` defaults (model, dataset, optimizer, schedules) through
-``train.train`` in a process of its own for the same wall-clock budget, then gets Ctrl-C: the
-training loop stops between mini-batches and checkpoints, and the per-epoch history it saved
-(test accuracy, wall time) is what gets plotted. The budget is training time as the loop records
+Each method trains the `asyncfgd-app train` defaults (model, dataset, optimizer, schedules, number
+of epochs) through ``train.train`` in a process of its own until it finishes or uses up the
+wall-clock budget; then it gets Ctrl-C: the training loop stops between mini-batches and
+checkpoints, and the per-epoch history it saved (test accuracy, wall time) is what gets plotted. The budget is training time as the loop records
 it (``wall_s`` of the last finished epoch), so start-up (imports, export) is not charged to
 a method; only completed epochs count.
 """
@@ -23,12 +23,12 @@ STARTUP_ALLOWANCE_S = 120.0  # imports and export before the first epoch starts 
 
 
 def _train(method: str, run_dir: str) -> None:
-    """Child process: train with the defaults until interrupted (epochs is only an upper bound)."""
+    """Child process: train with the defaults (until done or interrupted)."""
     sys.stdout = sys.stderr = open(os.devnull, "w")  # the loop's progress bars
     from .train import Interrupted, TrainConfig, train
 
     try:
-        train(TrainConfig(method=method, epochs=100_000, run_dir=run_dir), log=lambda _: None)
+        train(TrainConfig(method=method, run_dir=run_dir), log=lambda _: None)
     except (Interrupted, KeyboardInterrupt):  # the budget's end; KeyboardInterrupt if still starting up
         pass
 

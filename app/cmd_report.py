@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from .cmd_train import USER_ERRORS, fail
-from .report import SEEDS, run_report, settings
+from .report import SEEDS, measured, run_report, settings
 from .report_render import acceptance, block, machine, plot, table, write_doc
 from .train import Interrupted
 
@@ -43,7 +43,6 @@ def report_cmd(
     """Measure backprop, sync FGD, AsyncFGD and the local-loss mode on digits from scratch and on the
     digits-transfer fine-tune (and CIFAR-10/SVHN when given), at equal epochs and equal wall-clock, over
     several seeds; writes the table into docs/convergence.md and the plots into docs/img."""
-    load_start = os.getloadavg()[0]
     chosen, skipped = settings(cifar10, svhn)
     if only:
         wanted = set(only.split(","))
@@ -64,7 +63,7 @@ def report_cmd(
             plot(res, path)
             images[res.setting.slug] = os.path.relpath(path, doc.parent)
         doc.parent.mkdir(parents=True, exist_ok=True)
-        write_doc(doc, block(results, skipped, seeds, machine(load_start, os.getloadavg()[0]), images))
+        write_doc(doc, block(results, skipped, seeds, machine(measured(work)), images))
     except (Interrupted, KeyboardInterrupt):
         raise fail(f"interrupted; finished runs are kept in {work} and a re-run reuses them.", 130) from None
     except USER_ERRORS as exc:

@@ -24,12 +24,11 @@ from asyncfgd.runtime.schedules import ALPHA_PRESETS, LR_KINDS
 from .cmd_export import parse_config
 from .checkpoint import CheckpointError
 from .data import DataError
-from .freeze import FreezeError
 from .train import Interrupted, TrainConfig, TrainError, saved_config, train
 
 D = TrainConfig()  # the defaults, in one place
 EXPORT_OPTIONS = ("model", "modules", "split", "bn", "weights", "config", "tangents")
-USER_ERRORS = (ArtifactError, CheckpointError, DataError, FreezeError, TrainError, ValueError, OSError)
+USER_ERRORS = (ArtifactError, CheckpointError, DataError, TrainError, ValueError, OSError)  # incl. FreezeError
 AUTO = "auto"
 
 
@@ -53,9 +52,9 @@ def _floats(text: str | None) -> list[float] | None:
         raise fail(f"--alphas expects comma-separated numbers such as 1,0.15, got {text!r}") from None
 
 
-def _lr(value: str | None) -> float | str | None:
+def _lr(value: str) -> float | str:
     """``--lr``: a non-negative number, or ``auto`` (a learning-rate sweep picks it)."""
-    if value is None or value == AUTO:
+    if value == AUTO:
         return value
     try:
         lr = float(value)

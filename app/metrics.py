@@ -85,6 +85,12 @@ def write_csv(path: Path, rows: list[dict[str, Any]], eval_name: str = "test") -
         writer.writerows(rows)
 
 
+def read_csv(path: Path) -> list[dict[str, float]]:
+    """A metrics.csv's rows as numbers (for tools that compare runs: sweep, report)."""
+    with path.open() as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
 def plot(path: Path, rows: list[dict[str, Any]], title: str, eval_name: str = "test") -> None:
     """Loss and accuracy (train and test or val) against epoch, with the non-interactive Agg backend."""
     import matplotlib

@@ -12,11 +12,15 @@ reuses what finished (to re-render the document, or after an interruption).
 from __future__ import annotations
 
 import csv
+import json
+import os
 import shutil
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from . import metrics
 from . import pretrain as pretrain_defaults
 from .pretrain import pretrain
 from .sweep import DEFAULT_EPOCHS, DEFAULT_LRS, DEFAULT_VALIDATION, default_jobs, run_many, sweep
@@ -25,6 +29,7 @@ from .train import TrainConfig
 SEEDS = (0, 1, 2)
 METHODS = ("bp", "fgd", "asyncfgd", "local")
 PRETRAINED = "pretrained"  # the row of the starting model, evaluated without training (epochs 0)
+MEASURED = "measured.json"  # when the timed runs ran, and the machine's load then (a re-render keeps it)
 #: the fine-tune recipe (docs/convergence.md): pretrained body frozen, the head its own module, trained
 RECIPE = {"model": "cnn", "data": "digits-transfer", "split": ["head"], "freeze_until": "flatten", "epochs": 100}
 
@@ -76,15 +81,7 @@ def settings(cifar10: str | None = None, svhn: str | None = None) -> tuple[list[
 def _complete(cfg: TrainConfig) -> bool:
     """The run in cfg.run_dir finished all its epochs (metrics.csv has its last row)."""
     path = Path(cfg.run_dir) / "metrics.csv"
-    if not path.exists():
-        return False
-    return int(history(path)[-1]["epoch"]) == cfg.epochs
-
-
-def history(path: Path) -> list[dict[str, float]]:
-    """A metrics.csv as rows of numbers."""
-    with path.open() as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    return path.exists() and int(metrics.read_csv(path)[-1]["epoch"]) == cfg.epochs
 
 
 def _pretrained_weights(work: Path, seeds: tuple[int, ...], log: Callable[[str], None]) -> dict[int, str]:
@@ -114,11 +111,14 @@ def _choose_lr(st: Setting, method: str, weights: dict[int, str], work: Path, tu
     if not tune:
         return TrainConfig().lr
     out = work / st.slug / method / "lr-sweep"
-    if (out / "sweep.csv").exists():
-        with (out / "sweep.csv").open() as f:
-            return next(float(r["lr"]) for r in csv.DictReader(f) if r["best"] == "1")
     base = _base(st, method, 0, weights, out)
     short = replace(base, epochs=min(base.epochs, DEFAULT_EPOCHS), validation=DEFAULT_VALIDATION)
+    if (out / "sweep.csv").exists():
+        with (out / "sweep.csv").open() as f:
+            best = next(r for r in csv.DictReader(f) if r["best"] == "1")
+        if int(best["epochs"]) == short.epochs:
+            return float(best["lr"])
+    shutil.rmtree(out, ignore_errors=True)  # interrupted, or swept for other epochs
     result = sweep(short, DEFAULT_LRS, out, default_jobs(), log=lambda _: None)
     log(f"{st.slug} {method}: lr {result.best['lr']:g} (validation {100 * result.best['val_acc']:.1f}%)")
     return float(result.best["lr"])
@@ -142,11 +142,21 @@ def run_report(chosen: list[Setting], work: Path, seeds: tuple[int, ...] = SEEDS
     for cfg in todo:
         shutil.rmtree(cfg.run_dir, ignore_errors=True)  # an interrupted run of an earlier report
     log(f"{len(todo)} runs to do, {jobs} at a time, under {work}")
-    finished = dict(zip((c.run_dir for c in todo), run_many(todo, jobs))) if todo else {}
+    finished = {}
+    if todo:
+        load_start = os.getloadavg()[0]
+        finished = dict(zip((c.run_dir for c in todo), run_many(todo, jobs)))
+        (work / MEASURED).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "load_start": load_start,
+                                                 "load_end": os.getloadavg()[0]}) + "\n")
     for res, rows in plan:
         for row, cfgs in rows.items():
             done = [c for c in cfgs if finished.get(c.run_dir, True)]
-            res.histories[row] = [history(Path(c.run_dir) / "metrics.csv") for c in done]
+            res.histories[row] = [metrics.read_csv(Path(c.run_dir) / "metrics.csv") for c in done]
             res.diverged[row] = len(cfgs) - len(done)
         results.append(res)
     return results
+
+
+def measured(work: Path) -> dict[str, Any]:
+    """Date and load averages of the last batch of timed runs under ``work``."""
+    return json.loads((work / MEASURED).read_text())

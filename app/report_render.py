@@ -11,9 +11,9 @@ import math
 import os
 import platform
 import statistics
-import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 from .report import PRETRAINED, Result
 
@@ -69,7 +69,8 @@ def table(results: list[Result], skipped: list[tuple[str, str]]) -> str:
                          fmt([acc_within(h, fgd_s) for h in hists])]
             label = LABELS[row] + (f" ({res.diverged[row]} seed(s) diverged)" if res.diverged.get(row) else "")
             lines.append(f"| {st.task} | {st.name} | {label} | " + " | ".join(cells) + " |")
-    lines += [f"| {name} | – | – | – | – | not run: files absent (`--{flag} PATH`) | – | – | – |" for name, flag in skipped]
+    for name, flag in skipped:
+        lines.append(f"| {name} | – | – | – | – | not run: files absent (`--{flag} PATH`) | – | – | – |")
     return "\n".join(lines)
 
 
@@ -97,16 +98,16 @@ def acceptance(results: list[Result]) -> list[str]:
     return out
 
 
-def machine(load_start: float, load_end: float) -> str:
-    """Where and when the numbers were measured."""
+def machine(when: dict[str, Any]) -> str:
+    """Where and when the numbers were measured (``when``: report.measured)."""
     def v(pkg: str) -> str:
         try:
             return version(pkg)
         except PackageNotFoundError:
             return "absent"
 
-    return (f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores ({platform.machine()}, "
-            f"load average {load_start:.1f} at the start, {load_end:.1f} at the end), Python "
+    return (f"Measured {when['date']} on {os.cpu_count()} CPU cores ({platform.machine()}, load average "
+            f"{when['load_start']:.1f} before the timed runs, {when['load_end']:.1f} after them), Python "
             f"{platform.python_version()}, ONNX Runtime {v('onnxruntime')}, torch {v('torch')}.")
 
 
@@ -151,8 +152,9 @@ def block(results: list[Result], skipped: list[tuple[str, str]], seeds: tuple[in
     """The generated part of docs/convergence.md; ``images`` maps a setting's slug to its plot's relative path."""
     parts = [BEGIN, "", f"{machine_line} Seeds {', '.join(map(str, seeds))}; accuracies are on each dataset's "
              "test split, as mean ± sd over the seeds. Times are the training loop's wall-clock (metrics.csv "
-             "`wall_s`: training plus the per-epoch evaluation, without start-up or export); the machine was "
-             "shared with other jobs, so they are upper bounds.", "", table(results, skipped), ""]
+             "`wall_s`: training plus the per-epoch evaluation, without start-up or export), one run at a time; "
+             "the machine was shared with other jobs (the load averages count them and the report's own runs), so "
+             "they are upper bounds.", "", table(results, skipped), ""]
     lines = acceptance(results)
     if lines:
         parts += ["Acceptance:", "", *lines, ""]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from . import metrics
 from .data import load_dataset
 from .freeze import frozen_modules
 from .train import Diverged, TrainConfig, TrainError, resolve_artifacts, run_data, train
@@ -55,15 +56,9 @@ def run_many(configs: list[TrainConfig], jobs: int) -> list[bool]:
         return list(pool.map(_train_quietly, configs))
 
 
-def last_row(run_dir: str | Path) -> dict[str, float]:
-    """The final metrics.csv row of a run, as numbers."""
-    with (Path(run_dir) / "metrics.csv").open() as f:
-        return {k: float(v) for k, v in list(csv.DictReader(f))[-1].items()}
-
-
 def _row(cfg: TrainConfig, finished: bool) -> dict[str, Any]:
     keys = ("val_acc", "val_loss", "train_acc", "train_loss", "wall_s")
-    last = last_row(cfg.run_dir) if finished else dict.fromkeys(keys, float("nan"))
+    last = metrics.read_csv(Path(cfg.run_dir) / "metrics.csv")[-1] if finished else dict.fromkeys(keys, float("nan"))
     return {"lr": cfg.lr, "epochs": cfg.epochs, "run_dir": cfg.run_dir, "best": 0,
             **{k: last[k] for k in keys}, "status": "ok" if finished else "diverged"}
 
