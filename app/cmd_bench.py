@@ -87,5 +87,5 @@ def _curve(budget_s: float, json_out: Path | None, plot: Path | None) -> None:
     if json_out:
         json_out.write_text(json.dumps({"budget_s": budget_s, "curves": curves}, indent=1))
         typer.echo(f"wrote {json_out}")
-    plot_curve(curves, plot or Path("bench-curve.png"), f"train defaults, {budget_s:.0f} s per method")
+    plot_curve(curves, plot or Path("bench-curve.png"), f"asyncfgd-app train defaults, at most {budget_s:.0f} s per method")
     typer.echo(f"wrote {plot or 'bench-curve.png'}")

@@ -115,9 +115,12 @@ def register(app: typer.Typer) -> None:
                     typer.echo(f"note: {note}")
             graphs = sum(len(module_roles(ModuleSpec(i, [], "input"))) for i in range(k))
             with tqdm(total=graphs, unit="graph", file=sys.stderr) as bar:
+                started = []  # a disabled bar (TQDM_DISABLE) keeps no description to test instead
+
                 def progress(what: str) -> None:  # called as each graph starts: the previous one is done
-                    if bar.desc:
+                    if started:
                         bar.update()
+                    started.append(what)
                     bar.set_description(what)
 
                 manifest = export_model(net, out, shape, num_classes, modules=modules, split_at=cuts,
