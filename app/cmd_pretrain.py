@@ -10,9 +10,8 @@ from typing import Any
 import typer
 
 from . import pretrain as defaults
-from .cmd_train import AUTO, USER_ERRORS, fail, new_config, train_options
+from .cmd_train import AUTO, USER_ERRORS, fail, new_config, run_reported, train_options
 from .pretrain import pretrain
-from .train import Interrupted
 
 FGD_ONLY = ("method", "backend", "alpha_preset", "alpha_value", "alpha_warm_epochs", "alpha_ramp_epochs",
             "alpha_target", "alphas", "tangents", "tangent_mode", "store_tangents", "resume")
@@ -34,18 +33,9 @@ def pretrain_cmd(ctx: typer.Context, **_: Any) -> None:
         run_dir = p["run_dir"] or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model}-pretrain"
         cfg = replace(cfg, method="bp", run_dir=str(run_dir))
         typer.echo(f"run directory: {cfg.run_dir}")
-        if p["lr"] == AUTO:
-            from .sweep import auto_lr
-
-            cfg = auto_lr(cfg, log=typer.echo)
-        acc = pretrain(cfg, p["out"], log=typer.echo)
-    except Interrupted as exc:
-        raise fail(str(exc), 130) from None
-    except KeyboardInterrupt:
-        raise fail("interrupted before training started; nothing was saved.", 130) from None
     except USER_ERRORS as exc:
         raise fail(str(exc)) from None
-    typer.echo(f"{'validation' if cfg.validation > 0 else 'test'} accuracy: {100 * acc:.1f}%")
+    cfg = run_reported(cfg, p["lr"] == AUTO, lambda c: pretrain(c, p["out"], log=typer.echo))
     typer.echo(f"wrote {p['out']}: fine-tune it with `asyncfgd-app train --model {cfg.model} --weights {p['out']} "
                f"...` (or `asyncfgd-app export --weights {p['out']} ...`)")
 

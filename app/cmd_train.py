@@ -10,7 +10,7 @@ import inspect
 import time
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import typer
 
@@ -187,11 +187,20 @@ def train_cmd(
         # the options are read from ctx.params: they have the names of TrainConfig's fields
         cfg = _resumed_config(ctx, resume) if resume is not None else new_config(ctx)
         typer.echo(f"run directory: {cfg.run_dir}")
-        if lr == AUTO:
-            from .sweep import auto_lr
+    except USER_ERRORS as exc:
+        raise fail(str(exc)) from None
+    run_reported(cfg, lr == AUTO, lambda c: train(c, resume=resume is not None, log=typer.echo))
 
-            cfg = auto_lr(cfg, log=typer.echo)
-        acc = train(cfg, resume=resume is not None, log=typer.echo)
+
+def run_reported(cfg: TrainConfig, auto_lr: bool, job: Callable[[TrainConfig], float]) -> TrainConfig:
+    """Pick the learning rate first when asked (`--lr auto`), run ``job``, turn every user-facing failure into
+    a one-paragraph message and exit code, and end with the accuracy line. Returns the config actually used."""
+    try:
+        if auto_lr:
+            from .sweep import auto_lr as sweep_lr
+
+            cfg = sweep_lr(cfg, log=typer.echo)
+        acc = job(cfg)
     except Interrupted as exc:
         raise fail(str(exc), 130) from None
     except KeyboardInterrupt:
@@ -199,6 +208,7 @@ def train_cmd(
     except USER_ERRORS as exc:
         raise fail(str(exc)) from None
     typer.echo(f"{'validation' if cfg.validation > 0 else 'test'} accuracy: {100 * acc:.1f}%")
+    return cfg
 
 
 def train_options(drop: tuple[str, ...] = (), defaults: dict[str, Any] | None = None) -> list[inspect.Parameter]:
