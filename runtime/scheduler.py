@@ -32,7 +32,10 @@ class NonFiniteLoss(FloatingPointError):
     """The loss or its derivative became NaN/inf; no update was applied for that step."""
 
     def __init__(self, step: int, loss: float, loss_dot: Any) -> None:
-        super().__init__(f"non-finite loss at step {step}: loss={loss}, directional derivative={loss_dot}")
+        d = np.asarray(loss_dot if loss_dot is not None else [], dtype=np.float64)
+        summary = (f"{int(np.sum(~np.isfinite(d)))} of {d.size} directional derivatives non-finite, "
+                   f"largest |d| = {np.nanmax(np.abs(d)) if d.size else float('nan'):.3g}")
+        super().__init__(f"non-finite loss at step {step}: loss={loss:.4g}, {summary}")
         self.step = step
 
 
