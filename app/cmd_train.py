@@ -138,6 +138,10 @@ def train_cmd(
     lr_schedule: Literal[LR_KINDS] = typer.Option(
         D.lr_schedule, help="constant; cosine (decays to 0 at the end); step (10x lower at 1/3 and 2/3)."),
     weight_decay: float = typer.Option(D.weight_decay, min=0.0, help="L2 penalty added to the gradient."),
+    normalize: float | None = typer.Option(
+        None, min=0.0, max=0.9999, help="Variance reduction for FGD methods: divide each module's gradient estimate "
+        "by the running RMS of its estimates (this decay, e.g. 0.99). Makes SGD step sizes independent of the noise "
+        "level; costs one extra pass over the gradient per step. Adam already normalises per element."),
     clip_norm: float | None = typer.Option(None, help="Clip each module's gradient estimate to this L2 "
                                            "norm; use it against rare huge steps (or NaN losses)."),
     epochs: int = typer.Option(D.epochs, min=0, help="Passes over the training set (may be changed on --resume). "

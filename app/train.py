@@ -84,6 +84,7 @@ class TrainConfig:
     lr_schedule: str = "cosine"
     weight_decay: float = 0.0
     clip_norm: float | None = None
+    normalize: float | None = None
     epochs: int = 100
     batch_size: int = 64
     alpha_preset: str = "uniform"
@@ -114,7 +115,7 @@ class TrainConfig:
         return lambda s: lr_at(self.lr_schedule, self.lr, s, total, step_size=step_size)
 
     def optimizer_kw(self) -> dict[str, Any]:
-        return {"weight_decay": self.weight_decay, "clip_norm": self.clip_norm}
+        return {"weight_decay": self.weight_decay, "clip_norm": self.clip_norm, "normalize": self.normalize}
 
 
 class Learner(Protocol):

@@ -42,13 +42,15 @@ class Optimizer:
     """Shared bookkeeping: hyper-parameters, scratch, gradient clipping, checkpoint state."""
 
     def __init__(self, params: dict[str, Array], xp: Any, lr: float, weight_decay: float = 0.0,
-                 clip_norm: float | None = None) -> None:
+                 clip_norm: float | None = None, normalize: float | None = None) -> None:
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         if clip_norm is not None and clip_norm <= 0:
             raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm}")
+        if normalize is not None and not 0.0 < normalize < 1.0:
+            raise ValueError(f"normalize (the running mean's decay) must be in (0, 1) or None, got {normalize}")
         self.params = params
         self.xp = xp
         self.lr = lr
@@ -58,12 +60,17 @@ class Optimizer:
         largest = max(params.values(), key=lambda p: math.prod(p.shape), default=None)
         self._buf = None if largest is None else xp.zeros_like(_flat(largest)[:CHUNK])
         self._state: dict[str, dict[str, Array]] = {}  # state name -> tensor name -> buffer
+        self.normalize = normalize
+        if normalize is not None and largest is not None:
+            self._state["noise"] = {"mean_square": xp.zeros_like(_flat(largest)[:1])}
 
     def step(self, grads: dict[str, Array], lr: float | None = None) -> None:
         """Apply one update in place; ``grads`` is used as scratch; ``lr`` overrides ``self.lr``."""
         if grads.keys() != self.params.keys():
             raise ValueError(f"gradient names {sorted(grads)} do not match parameters {sorted(self.params)}")
         self.steps += 1
+        if self.normalize is not None and self.params:
+            self._normalize(grads)
         if self.clip_norm is not None:
             self._clip(grads)
         if self.weight_decay:
@@ -83,13 +90,31 @@ class Optimizer:
     def _update(self, grads: dict[str, Array], lr: float) -> None:
         raise NotImplementedError
 
-    def _clip(self, grads: dict[str, Array]) -> None:
-        """Scale grads by min(1, clip_norm / (norm + 1e-6)) like torch.nn.utils.clip_grad_norm_."""
+    def _sum_squares(self, grads: dict[str, Array]) -> float:
         sq = 0.0
         for grad in grads.values():
             for g, s in self._chunks(grad):
                 sq += float(self.xp.sum(self.xp.multiply(g, g, out=s)))
-        coef = self.clip_norm / (sq**0.5 + 1e-6)
+        return sq
+
+    def _normalize(self, grads: dict[str, Array]) -> None:
+        """Divide g by the running RMS of this module's estimates (bias-corrected EMA of mean(g²)).
+
+        A forward-gradient estimate is mostly noise (E‖g‖² ≈ D·‖∇L‖² for D perturbed weights), so
+        its RMS tracks the noise level: dividing by it gives SGD steps of a stable size whatever the
+        module's width or α. Cost: one extra pass over g per step. Adam already normalises per element.
+        """
+        ms = self._state["noise"]["mean_square"]
+        size = sum(math.prod(g.shape) for g in grads.values())
+        ms *= self.normalize
+        ms += (1.0 - self.normalize) * self._sum_squares(grads) / size
+        rms = math.sqrt(float(ms[0]) / (1.0 - self.normalize ** self.steps))
+        for g in grads.values():
+            g *= 1.0 / (rms + 1e-12)
+
+    def _clip(self, grads: dict[str, Array]) -> None:
+        """Scale grads by min(1, clip_norm / (norm + 1e-6)) like torch.nn.utils.clip_grad_norm_."""
+        coef = self.clip_norm / (self._sum_squares(grads) ** 0.5 + 1e-6)
         if coef < 1.0:
             for g in grads.values():
                 g *= coef
@@ -120,8 +145,8 @@ class SGD(Optimizer):
     """SGD with optional heavy-ball momentum (dampening 0, no Nesterov), as torch.optim.SGD."""
 
     def __init__(self, params: dict[str, Array], xp: Any, lr: float, momentum: float = 0.0,
-                 weight_decay: float = 0.0, clip_norm: float | None = None) -> None:
-        super().__init__(params, xp, lr, weight_decay, clip_norm)
+                 weight_decay: float = 0.0, clip_norm: float | None = None, normalize: float | None = None) -> None:
+        super().__init__(params, xp, lr, weight_decay, clip_norm, normalize)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.momentum = momentum
@@ -146,8 +171,9 @@ class Adam(Optimizer):
     """Adam with L2 weight decay added to the gradient (not AdamW), as torch.optim.Adam."""
 
     def __init__(self, params: dict[str, Array], xp: Any, lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, clip_norm: float | None = None) -> None:
-        super().__init__(params, xp, lr, weight_decay, clip_norm)
+                 eps: float = 1e-8, weight_decay: float = 0.0, clip_norm: float | None = None,
+                 normalize: float | None = None) -> None:
+        super().__init__(params, xp, lr, weight_decay, clip_norm, normalize)
         if not all(0.0 <= b < 1.0 for b in betas) or len(betas) != 2:
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
         if eps <= 0:

@@ -210,3 +210,37 @@ def test_lr_override_and_errors():
     opt = make_optimizer("momentum", a, np, lr=0.1)
     with pytest.raises(ValueError, match="do not match"):
         opt.load_state_dict({"steps": 1})
+
+
+def test_normalize_makes_sgd_steps_independent_of_the_noise_scale():
+    """g divided by its running RMS: scaling every estimate by 1000 leaves the updates unchanged."""
+    rng = np.random.default_rng(0)
+    grads = [{"a": rng.standard_normal((3, 4)).astype(np.float32), "b": rng.standard_normal(5).astype(np.float32)}
+             for _ in range(6)]
+    runs = []
+    for scale in (1.0, 1000.0):
+        params = {"a": np.ones((3, 4), np.float32), "b": np.zeros(5, np.float32)}
+        opt = make_optimizer("sgd", params, np, lr=0.1, normalize=0.9)
+        for g in grads:
+            opt.step({k: v * np.float32(scale) for k, v in g.items()})
+        runs.append((params, opt.state_dict()))
+    for k in runs[0][0]:
+        np.testing.assert_allclose(runs[0][0][k], runs[1][0][k], rtol=1e-5)
+    # first step: the bias-corrected mean square is exactly mean(g²), so g / RMS has unit RMS
+    params = {"a": np.zeros((3, 4), np.float32), "b": np.zeros(5, np.float32)}
+    opt = make_optimizer("sgd", params, np, lr=1.0, normalize=0.9)
+    opt.step({k: v.copy() for k, v in grads[0].items()})
+    step = np.concatenate([params["a"].ravel(), params["b"].ravel()])
+    assert abs(float(np.sqrt(np.mean(step ** 2))) - 1.0) < 1e-5
+    # the running statistic is checkpointed with the optimizer
+    state = runs[1][1]
+    assert "noise.mean_square" in state
+    fresh = make_optimizer("sgd", {"a": np.ones((3, 4), np.float32), "b": np.zeros(5, np.float32)}, np, lr=0.1,
+                           normalize=0.9)
+    fresh.load_state_dict(state)
+    assert fresh.state_dict()["noise.mean_square"] == state["noise.mean_square"]
+
+
+def test_normalize_rejects_bad_decay():
+    with pytest.raises(ValueError, match="normalize"):
+        make_optimizer("adam", {"a": np.zeros(2, np.float32)}, np, lr=0.1, normalize=1.0)
