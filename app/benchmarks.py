@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from asyncfgd.app.bench_worker import synthetic_batch
 from asyncfgd.runtime.artifacts import load_artifacts
 from asyncfgd.runtime.engine import load_runners, make_scheduler
 from asyncfgd.runtime.scheduler import Perturbation
@@ -34,9 +35,8 @@ class TrainingLoop:
         self.runners = load_runners(art, backend, threads=threads)
         self.sch = make_scheduler(self.runners, method, optimizer, lambda s: 1e-4, lambda k, s: 1.0,
                                   Perturbation(seed=0, store_tangents=store_tangents))
-        rng = np.random.default_rng(0)
-        self.x = rng.standard_normal((batch, *art.input_shape)).astype(np.float32)
-        self.y = np.eye(art.num_classes, dtype=np.float32)[rng.integers(0, art.num_classes, batch)]
+        self.x, labels = synthetic_batch(art.input_shape, art.num_classes, batch)
+        self.y = np.eye(art.num_classes, dtype=np.float32)[labels]
         self.batch = batch
 
     def run(self, steps: int) -> tuple[float, list[float] | None]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from .program import Node
-from .rules import RULES, RuleContext, cross_entropy
+from .rules import RULES, RuleContext
 
 
 def run_program(ops: Any, nodes: list[Node], input_name: str, x: Any, x_dot: Any, params: dict[str, Any],
@@ -27,7 +27,3 @@ def run_program(ops: Any, nodes: list[Node], input_name: str, x: Any, x_dot: Any
         new_stats.update({node.buffers[role]: v for role, v in upd.items()})
     return (*env[nodes[-1].name], new_stats)
 
-
-def run_head(ops: Any, logits: Any, logits_dot: Any, onehot: Any, dual: bool) -> tuple[Any, Any]:
-    """The loss every last module ends with: mean cross-entropy and its directional derivatives."""
-    return cross_entropy(ops, logits, logits_dot, onehot, dual)

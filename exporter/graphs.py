@@ -12,10 +12,10 @@ from typing import Any
 
 import onnx
 
-from .dual import run_head, run_program
+from .dual import run_program
 from .ops import OnnxOps
 from .program import Node
-from .rules import RuleContext
+from .rules import RuleContext, cross_entropy
 from .split import ModuleSpec
 
 ROLES = ("dual", "dual_first", "forward", "eval")
@@ -74,10 +74,10 @@ def run_module(ops: Any, mod: ModuleSpec, spec: GraphSpec, is_last: bool, x: Any
     if spec.role == LOCAL_ROLE:
         z, zd, _ = run_program(ops, mod.aux, mod.output, y, yd, params, tangents, {}, ctx)
         out["y"] = y
-        out["loss"], out["loss_dot"] = run_head(ops, z, zd, labels, True)
+        out["loss"], out["loss_dot"] = cross_entropy(ops, z, zd, labels, True)
         out["logits"] = z
     elif is_last and spec.role != "eval":
-        loss, dloss = run_head(ops, y, yd, labels, spec.dual)
+        loss, dloss = cross_entropy(ops, y, yd, labels, spec.dual)
         out["loss"] = loss
         if spec.dual:
             out["loss_dot"] = dloss
