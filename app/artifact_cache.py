@@ -2,12 +2,12 @@
 
 Exporting takes seconds (tracing, ONNX emission), so repeated runs with the same model reuse the
 directory. The key covers everything the graphs and initial weights depend on: model name and
-config, split, BatchNorm mode, tangents per pass, local heads, the dataset's shape and classes, the
-init seed (zoo models draw their init from the global torch RNG), the bytes of a ``--weights`` file and the
-package version (a newer exporter may emit different graphs). A directory is reused only if it
-loads and every graph still matches its checksum; otherwise it is exported again. Exports go to a
-temporary directory that is renamed into place, so an interrupted export never leaves a
-half-written entry behind.
+config, split (and the batch size it is balanced for), BatchNorm mode, tangents per pass, local
+heads, the dataset's shape and classes, the init seed (zoo models draw their init from the global
+torch RNG), the bytes of a ``--weights`` file and the package version (a newer exporter may emit
+different graphs). A directory is reused only if it loads and every graph still matches its
+checksum; otherwise it is exported again. Exports go to a temporary directory that is renamed
+into place, so an interrupted export never leaves a half-written entry behind.
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ class ExportOptions:
     weights: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
     local_heads: bool = False  # auxiliary heads for the experimental ``local`` method
+    balance_batch: int = 64  # the training batch an automatic split is balanced for
 
     def key(self) -> str:
         """16 hex digits of sha256 over the options, the weights file's bytes and the package version."""
@@ -91,7 +92,8 @@ def export(opts: ExportOptions, out_dir: Path) -> None:
             print(f"note: {note}", file=sys.stderr)
     export_model(model, out_dir, opts.input_shape, opts.num_classes, modules=opts.modules,
                  split_at=list(opts.split) if opts.split else None, bn_mode=opts.bn_mode,
-                 tangents=opts.tangents, model_spec=model_spec(model), local_heads=opts.local_heads, seed=opts.seed)
+                 tangents=opts.tangents, model_spec=model_spec(model), local_heads=opts.local_heads, seed=opts.seed,
+                 balance_batch=opts.balance_batch)
 
 
 def cached_artifacts(opts: ExportOptions) -> Path:

@@ -71,7 +71,8 @@ def export_artifacts(cfg: BenchConfig, root: Path) -> dict[int, Path]:
     dirs = {}
     for k in sorted({1, cfg.modules}):
         dirs[k] = root / f"{cfg.model}-k{k}"
-        export_model(model, dirs[k], cfg.input_shape, cfg.num_classes, modules=k, model_spec=model_spec(model))
+        export_model(model, dirs[k], cfg.input_shape, cfg.num_classes, modules=k, model_spec=model_spec(model),
+                     balance_batch=cfg.batch)
     return dirs
 
 

@@ -39,11 +39,12 @@ def register(app: typer.Typer) -> None:
             for name in [m.strip() for m in models.split(",") if m.strip()]:
                 torch.manual_seed(0)
                 model = build_model(name, 10, (3, 32, 32))
-                dirs = {}
-                for k in sorted({1, modules}):
-                    dirs[k] = Path(tmp) / f"{name}-k{k}"
-                    export_model(model, dirs[k], (3, 32, 32), 10, modules=k, model_spec=model_spec(model))
                 for b in [int(v) for v in batches.split(",")]:
+                    dirs = {}
+                    for k in sorted({1, modules}):  # the split is balanced for this batch size
+                        dirs[k] = Path(tmp) / f"{name}-b{b}-k{k}"
+                        export_model(model, dirs[k], (3, 32, 32), 10, modules=k, model_spec=model_spec(model),
+                                     balance_batch=b)
                     kw = {"store_tangents": store_tangents, "backend": backend}
                     loops = {
                         "fgd-1t": TrainingLoop(dirs[1], "fgd", b, threads=1, **kw),

@@ -77,7 +77,11 @@ def register(app: typer.Typer) -> None:
         num_classes: int = typer.Option(..., "--num-classes", help="Number of classes of the classifier head."),
         input_shape: str = typer.Option(..., "--input-shape", help="Input C,H,W of one sample, e.g. 3,32,32."),
         modules: Optional[int] = typer.Option(None, "--modules", help="Split into K pipeline modules balanced by "
-                                              "dual FLOPs (default 1). Exclusive with --split."),
+                                              "step cost (default 1). Exclusive with --split."),
+        balance_batch: int = typer.Option(64, "--balance-batch", help="Training batch size --modules balances "
+                                          "for: a module's step is batch x dual FLOPs plus per-weight work "
+                                          "(tangent draws, update) that does not shrink with the batch, so "
+                                          "small batches move cuts towards weight-heavy layers."),
         split: Optional[str] = typer.Option(None, "--split", help="Comma-separated layer or block names, each "
                                             "starting a new module (e.g. layer2,layer4). Exclusive with --modules."),
         weights: Optional[Path] = typer.Option(None, "--weights", help="Local torchvision-format state_dict (.pth) "
@@ -102,6 +106,8 @@ def register(app: typer.Typer) -> None:
             _fail("give either --modules K or --split a,b, not both")
         if modules is not None and modules < 1:
             _fail(f"--modules must be at least 1, got {modules}")
+        if balance_batch < 1:
+            _fail(f"--balance-batch must be at least 1, got {balance_batch}")
         if bn not in BN_MODES:
             _fail(f"--bn must be one of {', '.join(BN_MODES)}, got {bn!r}")
         shape = tuple(parse_ints(input_shape, "--input-shape", "3,32,32", 3))
@@ -124,7 +130,8 @@ def register(app: typer.Typer) -> None:
                     bar.set_description(what)
 
                 manifest = export_model(net, out, shape, num_classes, modules=modules, split_at=cuts,
-                                        bn_mode=bn, tangents=tangents, model_spec=model_spec(net), progress=progress)
+                                        bn_mode=bn, tangents=tangents, model_spec=model_spec(net),
+                                        balance_batch=balance_batch, progress=progress)
                 bar.update()
         except (ValueError, OSError) as exc:  # incl. SplitError, UnsupportedLayerError, a missing --weights
             _fail(str(exc))

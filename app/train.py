@@ -203,7 +203,7 @@ def resolve_artifacts(cfg: TrainConfig, data: DatasetSplits) -> Artifacts:
         directory = cached_artifacts(ExportOptions(
             cfg.model, data.num_classes, tuple(data.input_shape), cfg.modules,
             tuple(cfg.split) if cfg.split else None, cfg.bn, cfg.tangents, cfg.seed, cfg.weights, cfg.config,
-            local_heads=cfg.method == "local"))
+            local_heads=cfg.method == "local", balance_batch=cfg.batch_size))
     arts = load_artifacts(directory)
     check_fit(arts, data)
     return arts

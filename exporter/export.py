@@ -16,7 +16,7 @@ from .graphs import GraphSpec, build_onnx, module_roles, stat_names, weight_name
 from .local_heads import aux_head, init_aux_weights
 from .ops import OPSET
 from .program import trace
-from .split import ModuleSpec, split_program
+from .split import ModuleSpec, StepCost, split_program
 
 FORMAT = "asyncfgd-artifacts"
 FORMAT_VERSION = 1
@@ -30,13 +30,16 @@ def _layer_of(qualified: str) -> str:
 def export_model(model: Any, out_dir: str | Path, input_shape: tuple[int, int, int], num_classes: int,
                  modules: int | None = None, split_at: list[str] | None = None, bn_mode: str = "train",
                  tangents: int = 1, model_spec: dict[str, Any] | None = None, local_heads: bool = False,
-                 seed: int = 0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                 seed: int = 0, balance_batch: int = 64,
+                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Trace, split and export ``model``; returns the manifest written to ``out_dir``.
 
     ``model_spec`` ({"name", "config"}) lets tools rebuild a zoo model; user models get
     ``{"name": "custom"}`` and are still fully described by the stored programs.
     ``local_heads`` adds an auxiliary classifier to every non-last module and a ``local`` graph
     role (the experimental local-loss mode, local_heads.py); ``seed`` initialises those heads.
+    ``balance_batch`` is the mini-batch size an automatic split (``modules``) is balanced for
+    (split.py: per-weight work weighs more at small batches).
     """
     if bn_mode not in BN_MODES:
         raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
@@ -45,7 +48,7 @@ def export_model(model: Any, out_dir: str | Path, input_shape: tuple[int, int, i
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     program = trace(model, tuple(input_shape))
-    specs = split_program(program, modules=modules, at=split_at)
+    specs = split_program(program, modules=modules, at=split_at, cost=StepCost(balance_batch, tangents))
     state = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in model.state_dict().items()
              if not k.endswith("num_batches_tracked")}
     shapes = {k: list(v.shape) for k, v in state.items()}
@@ -79,6 +82,7 @@ def export_model(model: Any, out_dir: str | Path, input_shape: tuple[int, int, i
         "model": {**(model_spec or {"name": "custom", "config": {}}), "num_classes": int(num_classes),
                   "input_shape": [int(d) for d in input_shape]},
         "bn_mode": bn_mode, "tangents": int(tangents), "weights_file": "weights.npz",
+        "balance_batch": None if split_at else int(balance_batch),
         "modules": manifest_modules,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))

@@ -130,10 +130,18 @@ class TorchOps:
     def unsqueeze(self, x: Any, axis: int) -> Any:
         return x.unsqueeze(axis)
 
-    def argmax_onehot(self, x: Any, axis: int) -> Any:
-        """One-hot (float) of the first maximum along ``axis``, as MaxPool picks it."""
-        idx = x.argmax(dim=axis, keepdim=True)
-        return self.torch.zeros_like(x).scatter_(axis, idx, 1.0)
+    def strided_hw(self, x: Any, start: Sequence[int], step: Sequence[int], size: Sequence[int]) -> Any:
+        """x[..., start_h::step_h, start_w::step_w], ``size`` elements along each of the last two dims."""
+        (h0, w0), (sh, sw), (nh, nw) = start, step, size
+        return x[..., h0 : h0 + sh * (nh - 1) + 1 : sh, w0 : w0 + sw * (nw - 1) + 1 : sw]
+
+    def eq_mask(self, a: Any, b: Any) -> Any:
+        """1.0 where a == b, else 0.0."""
+        return (a == b).to(a.dtype)
+
+    def upsample(self, x: Any, kh: int, kw: int) -> Any:
+        """Nearest-neighbour upsampling of the last two dims by integer factors (each value copied)."""
+        return x.repeat_interleave(kh, dim=-2).repeat_interleave(kw, dim=-1)
 
     def batch_count(self, x: Any, per_sample: int) -> Any:
         """Number of elements reduced per channel: batch size × per_sample, as a float scalar."""
@@ -333,15 +341,20 @@ class OnnxOps:
         shape.insert(axis % (len(shape) + 1), 1)
         return self._node("Unsqueeze", [x.name, self._ints([axis]).name], tuple(shape))
 
-    def argmax_onehot(self, x: OnnxValue, axis: int) -> OnnxValue:
-        idx = self._node("ArgMax", [x.name], tuple(1 if i == axis % len(x.shape) else d for i, d in enumerate(x.shape)),
-                         axis=axis, keepdims=1, select_last_index=0)
-        n = x.shape[axis]
-        rng_shape = [1] * len(x.shape)
-        rng_shape[axis] = n
-        rng = self._array_const(np.arange(n, dtype=np.int64).reshape(rng_shape), "arange")
-        eq = self._node("Equal", [idx.name, rng.name], x.shape)
-        return self._node("Cast", [eq.name], x.shape, to=TensorProto.FLOAT)
+    def strided_hw(self, x: OnnxValue, start: Sequence[int], step: Sequence[int], size: Sequence[int]) -> OnnxValue:
+        ends = [b + s * (n - 1) + 1 for b, s, n in zip(start, step, size)]
+        ins = [x.name, self._ints(start).name, self._ints(ends).name, self._ints([-2, -1]).name, self._ints(step).name]
+        return self._node("Slice", ins, (*x.shape[:-2], *size))
+
+    def eq_mask(self, a: OnnxValue, b: OnnxValue) -> OnnxValue:
+        shape = _broadcast(a.shape, b.shape)
+        return self._node("Cast", [self._node("Equal", [a.name, b.name], shape).name], shape, to=TensorProto.FLOAT)
+
+    def upsample(self, x: OnnxValue, kh: int, kw: int) -> OnnxValue:
+        scales = self.const(np.array([1.0] * (len(x.shape) - 2) + [kh, kw], dtype=np.float32))
+        shape = (*x.shape[:-2], x.shape[-2] * kh, x.shape[-1] * kw)
+        return self._node("Resize", [x.name, "", scales.name], shape, mode="nearest", nearest_mode="floor",
+                          coordinate_transformation_mode="asymmetric")
 
     def batch_count(self, x: OnnxValue, per_sample: int) -> OnnxValue:
         shp = self._node("Shape", [x.name], (len(x.shape),), start=0, end=1)

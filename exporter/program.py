@@ -29,7 +29,8 @@ class Node:
     params: dict[str, str] = field(default_factory=dict)  # local role -> qualified weight name
     buffers: dict[str, str] = field(default_factory=dict)  # local role -> qualified buffer name
     shape: list[int] = field(default_factory=list)  # output shape without the batch dim
-    flops: int = 0  # forward multiply-adds per sample (the splitter's cost)
+    flops: int = 0  # forward multiply-adds per sample (the splitter's per-sample cost)
+    weights: int = 0  # trainable elements (the splitter's per-weight cost: tangent draw, update)
     scopes: list[str] = field(default_factory=list)  # enclosing module paths, outermost first
 
     def to_dict(self) -> dict[str, Any]:
@@ -208,10 +209,12 @@ def _annotate(gm: Any, program: list[Node], input_shape: tuple[int, ...]) -> Non
         m.training = training
     shapes["input"] = tuple(input_shape)
     mods = dict(gm.named_modules())
+    params = dict(gm.named_parameters())
     by_name = {n.name: n for n in program}
     fx_names = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     for node, fx_name in zip(program, fx_names):
         node.shape = list(shapes[fx_name])
+        node.weights = sum(params[q].numel() for q in node.params.values())
         out = int(np.prod(node.shape))
         in_shape = tuple(by_name[node.inputs[0]].shape) if node.inputs[0] != "input" else tuple(input_shape)
         if node.op == "linear":
@@ -223,6 +226,10 @@ def _annotate(gm: Any, program: list[Node], input_shape: tuple[int, ...]) -> Non
             node.flops = max(out, int(np.prod(in_shape)) if in_shape else 0)
 
 
-def node_flops_dual(node: Node) -> int:
-    """Approximate multiply-adds of the dual (y, ẏ) step: 3× for layers with weights, else 2×."""
-    return node.flops * (3 if node.params else 2)
+def node_flops_dual(node: Node, tangents: int = 1) -> int:
+    """Approximate multiply-adds per sample of the dual (y, ẏ) step with m tangents.
+
+    Layers with weights compute y = W x and each ẏ_j = W ẋ_j + U_j x: (1 + 2m)× the forward;
+    the others push m tangents through a fixed (linearised) map: (1 + m)×.
+    """
+    return node.flops * ((1 + 2 * tangents) if node.params else (1 + tangents))

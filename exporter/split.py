@@ -2,16 +2,51 @@
 
 A valid cut sits between two nodes where only one tensor is live (so residual blocks, whose
 skip connection keeps two tensors live, are never cut inside). Automatic balancing minimises the
-largest module cost, where cost is the dual step's multiply-adds (3× forward FLOPs for layers
-with weights, 2× for the rest). FLOPs rather than parameter counts: a pipeline's throughput is
-set by its slowest stage's *compute*, and parameter counts grossly overweight late, wide layers
-with small feature maps (ResNet-18's layer4 holds 75% of the weights but ~25% of the FLOPs).
+largest module's step cost (``StepCost``): the dual run, batch × (dual multiply-adds + a cost
+per output element, since ONNX Runtime's element-wise ops take far longer per element than a conv
+takes per multiply-add), plus the work every weight costs whatever the batch: drawing its tangent (a second time at update in
+delayed, non-last modules, which regenerate instead of storing) and the update g = d·u + Adam.
+Neither term alone balances: FLOPs ignore that ResNet-18's layer4 holds 75% of the weights but
+~25% of the FLOPs, which makes the last module the bottleneck at small batches (per-weight work
+is half its step at batch 8); weight counts would starve the early, compute-heavy layers.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .program import Node, node_flops_dual
+
+#: costs in dual multiply-add equivalents on one CPU thread, measured by ``scripts/split_costs.py``
+#: on the development x86 host (ORT, batch 8 and 64): a gaussian tangent draw 10.5 ns and the
+#: update 2.1 ns per weight against 23.5 ps per dual MAC; per output element of a node, 65-90 MACs
+#: (least-squares fit of module times over ResNet-18, the small CNN and MobileNetV2). Another
+#: device moves the balance point, not the principle.
+DRAW_MACS = 450
+UPDATE_MACS = 90
+ELEMENT_MACS = 80
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """One module's pipeline step in dual multiply-add equivalents (see the module docstring)."""
+
+    batch: int = 64
+    tangents: int = 1
+
+    def __post_init__(self) -> None:
+        if self.batch < 1 or self.tangents < 1:
+            raise SplitError(f"balancing needs batch >= 1 and tangents >= 1, got {self.batch} and {self.tangents}")
+
+    def per_sample(self, node: Node) -> float:
+        """Dual multiply-adds plus element-wise work (primal + m tangents: (1 + m)/2 of m = 1's)."""
+        elements = math.prod(node.shape)
+        return node_flops_dual(node, self.tangents) + ELEMENT_MACS * elements * (1 + self.tangents) / 2
+
+    def combine(self, per_sample: float, weights: float, last: bool) -> float:
+        """A module's step: ``per_sample`` summed over its nodes, ``weights`` its trainable elements."""
+        draws = self.tangents * (1 if last else 2)
+        return self.batch * per_sample + weights * (draws * DRAW_MACS + UPDATE_MACS)
 
 
 class SplitError(ValueError):
@@ -31,6 +66,7 @@ class ModuleSpec:
 
     @property
     def cost(self) -> int:
+        """Dual multiply-adds per sample with one tangent (the manifest's ``cost_flops``)."""
         return sum(node_flops_dual(n) for n in self.nodes)
 
 
@@ -54,8 +90,9 @@ def _defined_before(program: list[Node], value: str, i: int) -> bool:
     return value == "input" or any(n.name == value for n in program[:i])
 
 
-def split_program(program: list[Node], modules: int | None = None, at: list[str] | None = None) -> list[ModuleSpec]:
-    """Split by count (balanced by dual FLOPs) or at named layers (each name starts a module)."""
+def split_program(program: list[Node], modules: int | None = None, at: list[str] | None = None,
+                  cost: StepCost = StepCost()) -> list[ModuleSpec]:
+    """Split by count (balanced by ``cost``) or at named layers (each name starts a module)."""
     points = cut_points(program)
     if at:
         names = [n.name for n in program]
@@ -83,35 +120,48 @@ def split_program(program: list[Node], modules: int | None = None, at: list[str]
         if k - 1 > len(points):
             raise SplitError(f"cannot split into {k} modules: this model has only {len(points) + 1} "
                              f"uncuttable segments (residual blocks are never cut inside)")
-        starts = _balanced(program, points, k)
+        starts = _balanced(program, points, k, cost)
     bounds = [0, *starts, len(program)]
     return [ModuleSpec(i, program[a:b], "input" if a == 0 else program[a - 1].name)
             for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
 
 
-def _balanced(program: list[Node], points: list[int], k: int) -> list[int]:
-    """Choose k−1 cut points minimising the largest module cost (exact DP over cut points)."""
-    costs = [node_flops_dual(n) for n in program]
-    prefix = [0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
+def _balanced(program: list[Node], points: list[int], k: int, cost: StepCost) -> list[int]:
+    """Choose k−1 cut points minimising the largest module cost (exact DP over cut points).
+
+    Every module must hold weights where the model allows it: when per-weight work dominates
+    (tiny models) a weightless module would otherwise "balance" best, which pipelines nothing.
+    """
+    per_sample, weights = [0.0], [0]
+    for n in program:
+        per_sample.append(per_sample[-1] + cost.per_sample(n))
+        weights.append(weights[-1] + n.weights)
     cand = [0, *points, len(program)]
-    n = len(cand)
     inf = float("inf")
-    # best[j][i]: minimal max-cost covering program[:cand[i]] with j modules
-    best = [[inf] * n for _ in range(k + 1)]
-    back = [[-1] * n for _ in range(k + 1)]
-    best[0][0] = 0
-    for j in range(1, k + 1):
-        for i in range(1, n):
-            for h in range(i):
-                if best[j - 1][h] == inf:
-                    continue
-                v = max(best[j - 1][h], prefix[cand[i]] - prefix[cand[h]])
-                if v < best[j][i]:
-                    best[j][i], back[j][i] = v, h
-    starts, i = [], n - 1
-    for j in range(k, 0, -1):
-        i = back[j][i]
-        starts.append(cand[i])
-    return sorted(starts[:-1])
+
+    def solve(need_weights: bool) -> tuple[float, list[int]]:
+        n = len(cand)
+        # best[j][i]: minimal max-cost covering program[:cand[i]] with j modules
+        best = [[inf] * n for _ in range(k + 1)]
+        back = [[-1] * n for _ in range(k + 1)]
+        best[0][0] = 0
+        for j in range(1, k + 1):
+            for i in range(1, n):
+                for h in range(i):
+                    a, b = cand[h], cand[i]
+                    if best[j - 1][h] == inf or (need_weights and weights[b] == weights[a]):
+                        continue
+                    v = max(best[j - 1][h], cost.combine(per_sample[b] - per_sample[a], weights[b] - weights[a],
+                                                         last=j == k))
+                    if v < best[j][i]:
+                        best[j][i], back[j][i] = v, h
+        starts, i = [], n - 1
+        if best[k][i] == inf:
+            return inf, []
+        for j in range(k, 0, -1):
+            i = back[j][i]
+            starts.append(cand[i])
+        return best[k][n - 1], sorted(starts[:-1])
+
+    value, starts = solve(need_weights=True)
+    return starts if value < inf else solve(need_weights=False)[1]

@@ -105,7 +105,8 @@ def mlp_manifests(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict]:
     torch.manual_seed(0)
     model = build_model("mlp", 3, (1, 4, 4), hidden=(4,))
     tmp = tmp_path_factory.mktemp("mlp")
-    return {k: export_model(model, tmp / f"k{k}", (1, 4, 4), 3, modules=k, model_spec=model_spec(model))
+    return {k: export_model(model, tmp / f"k{k}", (1, 4, 4), 3, modules=k, model_spec=model_spec(model),
+                            balance_batch=1 << 20)  # balanced by per-sample compute
             for k in (1, 2)}
 
 

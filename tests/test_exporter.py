@@ -130,10 +130,14 @@ ZOO = {  # name: (per-sample input shape, small-width config)
 
 
 def _zoo_export(name: str, out, k: int, bn: str, tangents: int = 1) -> dict:
+    """Splits balanced for a large batch (per-sample compute): the conditioning expectations below
+    (which train-mode BN layers normalise over a single value, or a few, at batch 1) depend on
+    where the cuts fall; the balancing itself is tested on its own (test_split.py)."""
     shape, cfg = ZOO[name]
     torch.manual_seed(0)
     model = build_model(name, 10, shape, **cfg)
-    return export_model(model, out, shape, 10, modules=k, bn_mode=bn, tangents=tangents, model_spec=model_spec(model))
+    return export_model(model, out, shape, 10, modules=k, bn_mode=bn, tangents=tangents, model_spec=model_spec(model),
+                        balance_batch=1 << 20)
 
 
 @pytest.mark.parametrize("bn", ["train", "frozen"])
@@ -180,6 +184,34 @@ def test_validation_catches_a_wrong_rule(tmp_path, monkeypatch):
     assert {("0", "dual_first", 1), ("0", "dual_first", 64)} <= failed
     assert all(r.status != "FAIL" for r in report.rows if r.role in ("forward", "eval"))  # primal outputs are right
     assert not report.passed
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(2), nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(3, 2, ceil_mode=True),
+                                  nn.MaxPool2d(2, 1, dilation=2)])
+def test_maxpool_tangent_takes_the_first_of_tied_maxima(pool):
+    """Exact ties (ReLU zeros, repeated values) everywhere: ẏ must be ẋ at the first maximum in
+    row-major window order, as torch's jvp picks it, in eager TorchOps and in the ONNX graph."""
+    import onnxruntime as ort
+
+    from asyncfgd.exporter.ops import OnnxOps
+
+    torch.manual_seed(0)
+    m, shape = 2, (3, 8, 8)
+    x = torch.randint(-2, 3, (4, *shape)).double().relu()  # values in {0, 1, 2}: ties in most windows
+    x_dot = torch.randn(m, 4, *shape, dtype=torch.float64)
+    ref = torch.stack([torch.func.jvp(pool, (x,), (x_dot[j],))[1] for j in range(m)])
+    node = trace(nn.Sequential(pool), shape)[0]
+    ctx = RuleContext(m, True, False)
+    _, yd, _ = rules.maxpool2d(TorchOps(torch.float64), node, [x], [x_dot], {}, {}, {}, ctx)
+    torch.testing.assert_close(yd, ref, rtol=0, atol=0)
+    ops = OnnxOps("maxpool")
+    y_o, yd_o = rules.maxpool2d(ops, node, [ops.input("x", (-1, *shape))], [ops.input("x_dot", (m, -1, *shape))],
+                                {}, {}, {}, ctx)[:2]
+    ops.output("y", y_o)
+    ops.output("y_dot", yd_o)
+    sess = ort.InferenceSession(ops.model().SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(["y_dot"], {"x": x.float().numpy(), "x_dot": x_dot.float().numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), ref.float(), rtol=0, atol=0)
 
 
 def test_kink_finder_flags_only_samples_near_a_branch():
@@ -304,7 +336,7 @@ def test_tampered_graph_is_an_artifact_error(tmp_path):
 
 
 EXPORT_OPTIONS = ("--model", "--out", "--num-classes", "--input-shape", "--modules", "--split", "--weights", "--bn",
-                  "--tangents", "--config", "--seed")
+                  "--tangents", "--config", "--seed", "--balance-batch")
 
 
 def test_cli_help_mentions_every_option():
@@ -357,6 +389,7 @@ def test_cli_validate_exits_1_on_a_wrong_graph(tmp_path, monkeypatch):
     (["--model", "mlp", "--config", "hidden"], "key=value"),
     (["--model", "mlp", "--weights", "missing.pth"], "not found"),
     (["--model", "mlp", "--tangents", "0"], "tangents must be"),
+    (["--model", "mlp", "--modules", "2", "--balance-batch", "0"], "--balance-batch must be at least 1"),
 ])
 def test_cli_export_errors_exit_2_with_a_message(tmp_path, args, message):
     base = {"--num-classes": "10", "--input-shape": "1,8,8", "--out": str(tmp_path / "a")}

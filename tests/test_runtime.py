@@ -31,7 +31,8 @@ def _exported(name: str, K: int, bn: str, tmp_root: str) -> tuple[torch.nn.Modul
     torch.manual_seed(0)
     model = build_model(name, 10, SHAPE)
     out = f"{tmp_root}/{name}-{K}-{bn}"
-    export_model(model, out, SHAPE, 10, modules=K, bn_mode=bn, model_spec=model_spec(model))
+    # cuts balanced for a large batch (per-sample compute, not per-weight work): the splits these tests were written for
+    export_model(model, out, SHAPE, 10, modules=K, bn_mode=bn, model_spec=model_spec(model), balance_batch=1 << 20)
     return model, out
 
 
@@ -243,7 +244,8 @@ def test_forward_gradient_is_unbiased_and_alpha_scales_it(tmp_path):
     shape = (1, 4, 4)
     model = build_model("mlp", 3, shape, hidden=(4,))  # 16·4+4+4·3+3 = 83 weights: D/N small
     d = tmp_path / "art"
-    export_model(model, d, shape, 3, modules=2, model_spec=model_spec(model), tangents=500)
+    export_model(model, d, shape, 3, modules=2, model_spec=model_spec(model), tangents=500,
+                 balance_batch=1 << 20)  # balanced by per-sample compute
     art = load_artifacts(d)
     runners = load_runners(art, "onnxruntime", threads=1)
     rng = np.random.default_rng(0)
