@@ -5,6 +5,7 @@ run, interleaved (A, B, A, B, ...), and reported as a median with its spread.
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -57,14 +58,21 @@ class TrainingLoop:
         self.sch.close()
 
 
-def interleaved(loops: dict[str, TrainingLoop], steps: int, warmup: int, repeats: int) -> dict[str, Throughput]:
-    """Time each loop ``repeats`` times, interleaved, after ``warmup`` untimed steps each."""
-    for loop in loops.values():
-        loop.run(warmup)
+def interleaved(loops: dict[str, TrainingLoop], steps: int, warmup: int, repeats: int,
+                min_seconds: float = 0.0) -> dict[str, Throughput]:
+    """Time each loop ``repeats`` times, interleaved, after ``warmup`` untimed steps each.
+
+    A repeat runs at least ``steps`` steps and at least ``min_seconds`` (judged from the warm-up's
+    pace), so millisecond steps are not timed over windows that a single scheduler hiccup swamps.
+    """
+    count = {}
+    for name, loop in loops.items():
+        per_step, _ = loop.run(max(warmup, 1))
+        count[name] = max(steps, math.ceil(min_seconds / max(per_step, 1e-9)))
     per: dict[str, list[tuple[float, Any]]] = {k: [] for k in loops}
     for _ in range(repeats):
         for name, loop in loops.items():
-            per[name].append(loop.run(steps))
+            per[name].append(loop.run(count[name]))
     out = {}
     for name, runs in per.items():
         rates = [loops[name].batch / t for t, _ in runs]

@@ -21,8 +21,10 @@ def register(app: typer.Typer) -> None:
         models: str = typer.Option("cnn,resnet18", help="Comma-separated zoo models (input 3x32x32, 10 classes)."),
         batches: str = typer.Option("8,64", help="Comma-separated batch sizes."),
         modules: int = typer.Option(2, help="Pipeline modules K for AsyncFGD (one worker thread each)."),
-        steps: int = typer.Option(6, help="Timed steps per repeat."),
-        repeats: int = typer.Option(3, help="Interleaved repeats per method (median reported)."),
+        steps: int = typer.Option(6, help="Timed steps per repeat, at least."),
+        seconds: float = typer.Option(1.0, help="Each repeat also runs at least this long (more steps for fast "
+                                      "models)."),
+        repeats: int = typer.Option(5, help="Interleaved repeats per method (median reported)."),
         warmup: int = typer.Option(3, help="Untimed steps per method before timing."),
         store_tangents: bool = typer.Option(False, help="Keep tangents in a ring instead of regenerating them."),
         backend: str = typer.Option("onnxruntime", help="onnxruntime (CPU threads) or torch-cuda (one CUDA "
@@ -40,11 +42,12 @@ def register(app: typer.Typer) -> None:
                 torch.manual_seed(0)
                 model = build_model(name, 10, (3, 32, 32))
                 for b in [int(v) for v in batches.split(",")]:
-                    dirs = {}
+                    dirs, cuts = {}, ""
                     for k in sorted({1, modules}):  # the split is balanced for this batch size
                         dirs[k] = Path(tmp) / f"{name}-b{b}-k{k}"
-                        export_model(model, dirs[k], (3, 32, 32), 10, modules=k, model_spec=model_spec(model),
-                                     balance_batch=b)
+                        manifest = export_model(model, dirs[k], (3, 32, 32), 10, modules=k,
+                                                model_spec=model_spec(model), balance_batch=b)
+                        cuts = ", ".join(m["layers"][0] for m in manifest["modules"][1:])
                     kw = {"store_tangents": store_tangents, "backend": backend}
                     loops = {
                         "fgd-1t": TrainingLoop(dirs[1], "fgd", b, threads=1, **kw),
@@ -53,19 +56,21 @@ def register(app: typer.Typer) -> None:
                     }
                     if backend != "onnxruntime":  # threads mean nothing on a GPU
                         del loops["fgd-2t"]
-                    res = interleaved(loops, steps, warmup, repeats)
+                    res = interleaved(loops, steps, warmup, repeats, min_seconds=seconds)
                     for loop in loops.values():
                         loop.close()
                     best = max((k for k in res if k.startswith("fgd")), key=lambda k: res[k].samples_per_s)
                     a = res["async"]
                     bound = b / max(a.busy_s)
                     rows.append((name, b, best, res[best], a, a.samples_per_s / res[best].samples_per_s,
-                                 a.samples_per_s / bound))
+                                 a.samples_per_s / bound, cuts))
                     _print_row(rows[-1])
         typer.echo("\nratio = AsyncFGD / best sync FGD; efficiency = AsyncFGD samples/s / (batch / slowest module busy time)")
 
 
 def _print_row(row: tuple) -> None:
-    name, b, best, fgd, a, ratio, eff = row
+    name, b, best, fgd, a, ratio, eff, cuts = row
+    busy = "/".join(f"{1e3 * t:.1f}" for t in a.busy_s)
     typer.echo(f"{name:10s} batch {b:3d} | sync FGD ({best[4:]}) {fgd.samples_per_s:8.1f} ± {fgd.spread:5.1f} samples/s"
-               f" | AsyncFGD {a.samples_per_s:8.1f} ± {a.spread:5.1f} | ratio {ratio:4.2f}x | efficiency {100 * eff:5.1f}%")
+               f" | AsyncFGD {a.samples_per_s:8.1f} ± {a.spread:5.1f} | ratio {ratio:4.2f}x | efficiency {100 * eff:5.1f}%"
+               f" | cut before {cuts}, busy {busy} ms/step")

@@ -20,7 +20,8 @@ def register(app: typer.Typer) -> None:
         batch: int = typer.Option(64, help="Batch size."),
         tangents: str = typer.Option("1,2,4,8,16", help="Comma-separated tangent counts m."),
         threads: int = typer.Option(1, help="ONNX Runtime intra-op threads."),
-        steps: int = typer.Option(20, help="Timed steps per repeat."),
+        steps: int = typer.Option(20, help="Timed steps per repeat, at least."),
+        seconds: float = typer.Option(1.0, help="Each repeat also runs at least this long."),
         repeats: int = typer.Option(5, help="Interleaved repeats (median reported)."),
     ) -> None:
         import torch
@@ -39,7 +40,7 @@ def register(app: typer.Typer) -> None:
                 out = Path(tmp) / f"m{m}"
                 export_model(net, out, shape, 10, modules=1, tangents=m, model_spec=model_spec(net))
                 loops[m] = TrainingLoop(out, "fgd", batch, threads=threads)
-            res = interleaved(loops, steps, warmup=3, repeats=repeats)
+            res = interleaved(loops, steps, warmup=3, repeats=repeats, min_seconds=seconds)
             for loop in loops.values():
                 loop.close()
         base = batch / res[counts[0]].samples_per_s

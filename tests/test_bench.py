@@ -168,3 +168,40 @@ def test_curve_stops_each_method_at_its_budget_and_plots(tmp_path):
     assert len(hist) < 1000 and hist[-1]["wall_s"] >= 1.0  # stopped once the budget was reached
     plot_curve({"fgd": hist, "bp": hist}, tmp_path / "curve.png", "test")
     assert (tmp_path / "curve.png").read_bytes()[:8] == PNG
+
+
+# -- bench-pipeline / bench-tangents ---------------------------------------------------------------
+
+class _CountingLoop:
+    """Stands in for TrainingLoop: 10 ms per step, remembers the step counts it was asked for."""
+
+    batch = 8
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def run(self, steps: int) -> tuple[float, list[float]]:
+        self.calls.append(steps)
+        return 0.01, [0.004, 0.008]
+
+
+def test_interleaved_stretches_fast_steps_to_the_minimum_time():
+    from asyncfgd.app.benchmarks import interleaved
+
+    loop = _CountingLoop()
+    res = interleaved({"a": loop}, steps=2, warmup=3, repeats=2, min_seconds=0.5)
+    assert loop.calls == [3, 50, 50]  # warm-up, then ceil(0.5 s / 10 ms) steps per repeat
+    assert res["a"].samples_per_s == pytest.approx(800.0) and res["a"].spread == 0.0
+    assert interleaved({"a": _CountingLoop()}, steps=2, warmup=1, repeats=1)["a"].busy_s == [0.004, 0.008]
+
+
+def test_bench_pipeline_and_tangents_cli_print_ratios():
+    res = CliRunner().invoke(app, ["bench-pipeline", "--models", "mlp", "--batches", "4", "--steps", "1",
+                                   "--seconds", "0", "--repeats", "1", "--warmup", "1"])
+    assert res.exit_code == 0, res.output
+    row = next(line for line in res.output.splitlines() if line.startswith("mlp"))
+    assert "ratio" in row and "efficiency" in row and "cut before layers." in row
+    res = CliRunner().invoke(app, ["bench-tangents", "--tangents", "1,2", "--steps", "1", "--seconds", "0",
+                                   "--repeats", "1"])
+    assert res.exit_code == 0, res.output
+    assert "m =   2" in res.output and "x m=1" in res.output
