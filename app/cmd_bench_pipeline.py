@@ -42,12 +42,12 @@ def register(app: typer.Typer) -> None:
                 torch.manual_seed(0)
                 model = build_model(name, 10, (3, 32, 32))
                 for b in [int(v) for v in batches.split(",")]:
-                    dirs, cuts = {}, ""
+                    dirs, manifests = {}, {}
                     for k in sorted({1, modules}):  # the split is balanced for this batch size
                         dirs[k] = Path(tmp) / f"{name}-b{b}-k{k}"
-                        manifest = export_model(model, dirs[k], (3, 32, 32), 10, modules=k,
-                                                model_spec=model_spec(model), balance_batch=b)
-                        cuts = ", ".join(m["layers"][0] for m in manifest["modules"][1:])
+                        manifests[k] = export_model(model, dirs[k], (3, 32, 32), 10, modules=k,
+                                                    model_spec=model_spec(model), balance_batch=b)
+                    cuts = ", ".join(m["layers"][0] for m in manifests[modules]["modules"][1:])
                     kw = {"store_tangents": store_tangents, "backend": backend}
                     loops = {
                         "fgd-1t": TrainingLoop(dirs[1], "fgd", b, threads=1, **kw),

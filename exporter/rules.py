@@ -286,7 +286,7 @@ def maxpool2d(ops, node, xs, xds, p, u, s, ctx) -> RuleOut:
     if not ctx.dual or xd is None:
         return y, None, {}
     (kh, kw), stride, dil = a["kernel"], a["stride"], a["dilation"]
-    n_c, h, w = ops.shape(x)[1:]
+    h, w = ops.shape(x)[2:]
     if list(stride) == [kh, kw] and a["padding"] == [0, 0] and dil == [1, 1] and h % kh == 0 and w % kw == 0:
         rank = (kh * kw - np.arange(kh * kw, dtype=np.float32)).reshape(kh, kw)
         scored = ops.mul(ops.eq_mask(x, ops.upsample(y, kh, kw)), ops.const(np.tile(rank, (h // kh, w // kw))))

@@ -3,9 +3,10 @@
 A valid cut sits between two nodes where only one tensor is live (so residual blocks, whose
 skip connection keeps two tensors live, are never cut inside). Automatic balancing minimises the
 largest module's step cost (``StepCost``): the dual run, batch × (dual multiply-adds + a cost
-per output element, since ONNX Runtime's element-wise ops take far longer per element than a conv
-takes per multiply-add), plus the work every weight costs whatever the batch: drawing its tangent (a second time at update in
-delayed, non-last modules, which regenerate instead of storing) and the update g = d·u + Adam.
+per output element, since ONNX Runtime's element-wise ops take far longer per element than a
+conv takes per multiply-add), plus the work every weight costs whatever the batch: drawing its
+tangent (a second time at update in delayed, non-last modules, which regenerate instead of
+storing) and the update g = d·u + Adam.
 Neither term alone balances: FLOPs ignore that ResNet-18's layer4 holds 75% of the weights but
 ~25% of the FLOPs, which makes the last module the bottleneck at small batches (per-weight work
 is half its step at batch 8); weight counts would starve the early, compute-heavy layers.
@@ -17,11 +18,13 @@ from dataclasses import dataclass, field
 
 from .program import Node, node_flops_dual
 
-#: costs in dual multiply-add equivalents on one CPU thread, measured by ``scripts/split_costs.py``
-#: on the development x86 host (ORT, batch 8 and 64): a gaussian tangent draw 10.5 ns and the
-#: update 2.1 ns per weight against 23.5 ps per dual MAC; per output element of a node, 65-90 MACs
-#: (least-squares fit of module times over ResNet-18, the small CNN and MobileNetV2). Another
-#: device moves the balance point, not the principle.
+#: costs in dual multiply-add equivalents on one CPU thread, from ``scripts/split_costs.py`` on the
+#: development x86 host (ORT, batch 8 and 64). Set from its first version: a gaussian tangent draw
+#: 10.5 ns and the update 2.1 ns per weight against 23.5 ps per dual MAC, 65-90 MACs per output
+#: element. Its current version (all dual MACs in the fit, on a noisier machine) prints 500-570,
+#: 96-107 and 98-180 (MobileNetV2's depthwise convs fit worst): the constants sit at the low end;
+#: the cuts they choose were measured (docs/performance.md). Another device moves the balance
+#: point, not the principle.
 DRAW_MACS = 450
 UPDATE_MACS = 90
 ELEMENT_MACS = 80
