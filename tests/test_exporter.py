@@ -6,6 +6,7 @@ Each rule runs on TorchOps(float64) inside a one-layer model and is compared wit
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -212,6 +213,31 @@ def test_maxpool_tangent_takes_the_first_of_tied_maxima(pool):
     sess = ort.InferenceSession(ops.model().SerializeToString(), providers=["CPUExecutionProvider"])
     got = sess.run(["y_dot"], {"x": x.float().numpy(), "x_dot": x_dot.float().numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(got), ref.float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("big, small, widened", [
+    ((3, -1, 8, 4, 4), (3, 1, 8, 1, 1), (3, 1, 8, 4, 4)),  # per-(tangent, channel) coefficient, 16-spans
+    ((-1, 8, 4, 4), (1, 8, 1, 1), (1, 8, 4, 4)),  # per-channel BatchNorm scale
+    ((-1, 8, 16, 16), (1, 8, 1, 1), None),  # 256-element spans: ORT's broadcast is fast enough
+    ((3, -1, 8, 4, 4), (-1, 8, 1, 1), None),  # batch-sized operand: expanding would cost a pass
+])
+def test_small_operand_is_expanded_over_short_spans(big, small, widened):
+    """OnnxOps expands a (…, C, 1, 1) operand over small H×W before the element-wise op (ORT's
+    slow short-span broadcast); the result is bit-identical to plain broadcasting."""
+    import onnxruntime as ort
+
+    from asyncfgd.exporter.ops import OnnxOps
+
+    ops = OnnxOps("widen")
+    ops.output("y", ops.mul(ops.input("a", big), ops.input("b", small)))
+    model = ops.model()
+    expands = [n for n in model.graph.node if n.op_type == "Expand"]
+    assert len(expands) == (widened is not None)
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal([5 if d == -1 else d for d in big]).astype(np.float32)
+    b = rng.standard_normal([5 if d == -1 else d for d in small]).astype(np.float32)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(sess.run(["y"], {"a": a, "b": b})[0], a * b)
 
 
 def test_kink_finder_flags_only_samples_near_a_branch():
