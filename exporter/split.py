@@ -21,9 +21,12 @@ from .program import Node, node_flops_dual
 #: costs in dual multiply-add equivalents on one CPU thread, from ``scripts/split_costs.py`` on the
 #: development x86 host (ORT, batch 8 and 64). Set from its first version: a gaussian tangent draw
 #: 10.5 ns and the update 2.1 ns per weight against 23.5 ps per dual MAC, 65-90 MACs per output
-#: element. Its current version (all dual MACs in the fit, on a noisier machine) prints 500-570,
-#: 96-107 and 98-180 (MobileNetV2's depthwise convs fit worst): the constants sit at the low end;
-#: the cuts they choose were measured (docs/performance.md). Another device moves the balance
+#: element. Since the Box-Muller draw (runtime/perturb.py) a draw measures 3.4 ns alone (155 MACs,
+#: quiet machine, 2026-11-25; update 91, elements 130), but DRAW_MACS stays at 450 on end-to-end
+#: evidence: at 160 ResNet-18's batch-8 cut moves from layer3.1 to layer3.0 and the measured busy
+#: times get worse (195 / 244 ms per step instead of 211 / 186-191): in a running pipeline the
+#: per-weight work costs more than alone (both modules share the GIL and the memory bus). The cuts
+#: these constants choose were measured (docs/performance.md). Another device moves the balance
 #: point, not the principle.
 DRAW_MACS = 450
 UPDATE_MACS = 90
