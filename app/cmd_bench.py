@@ -8,19 +8,13 @@ from pathlib import Path
 import typer
 
 from .bench_worker import METHODS
+from .cmd_export import parse_ints
 
 BENCH_HELP = """Compare training methods on one model, input and batch, each in its own process.
 
 Methods: forward (ONNX Runtime inference only, the floor); bp-torch (PyTorch autograd + Adam); bp-ort (ONNX Runtime's on-device training API, backprop + AdamW; needs --setup-ort-training once); fgd-torch (PyTorch forward-mode forward gradient + Adam); fgd (this runtime: sync FGD on ONNX Runtime, best of 1 and all threads); asyncfgd (the K-module pipeline, one thread per module).
 
 Prints samples/s (median ± half-range of the repeats, warm-up excluded), peak RSS with the import baseline and the memory model's prediction, and ratios vs bp-torch and fgd; --json and --plot save them. Methods run one after another: compare numbers taken on a quiet machine (the load average is printed)."""
-
-
-def _shape(text: str) -> tuple[int, int, int]:
-    dims = tuple(int(v) for v in text.split(","))
-    if len(dims) != 3:
-        raise typer.BadParameter(f"expected C,H,W, got {text!r}")
-    return dims  # type: ignore[return-value]
 
 
 def register(app: typer.Typer) -> None:
@@ -57,7 +51,8 @@ def register(app: typer.Typer) -> None:
             return
         cfg = BenchConfig(model=model, modules=modules, batch=batch, steps=steps, warmup=warmup, repeats=repeats,
                           methods=[m.strip() for m in methods.split(",") if m.strip()],
-                          input_shape=_shape(input_shape), num_classes=num_classes, timeout_s=timeout_s,
+                          input_shape=tuple(parse_ints(input_shape, "--input-shape", "3,32,32", 3)),
+                          num_classes=num_classes, timeout_s=timeout_s,
                           ort_venv=ort_venv, backend=backend, device=device)
         with tempfile.TemporaryDirectory() as tmp:
             try:

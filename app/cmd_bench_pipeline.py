@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from .cmd_export import parse_ints
+
 PIPELINE_HELP = """Measure whether module parallelism pays on this machine.
 
 For each model and batch size, in one run and interleaved: sync FGD on ONNX Runtime with 1 and with 2
@@ -30,6 +32,7 @@ def register(app: typer.Typer) -> None:
         backend: str = typer.Option("onnxruntime", help="onnxruntime (CPU threads) or torch-cuda (one CUDA "
                                     "stream per module; needs a GPU)."),
     ) -> None:
+        batch_sizes = parse_ints(batches, "--batches", "8,64")
         from asyncfgd.app.benchmarks import TrainingLoop, interleaved
         from asyncfgd.exporter.export import export_model
         from asyncfgd.exporter.models import build_model, model_spec
@@ -41,7 +44,7 @@ def register(app: typer.Typer) -> None:
             for name in [m.strip() for m in models.split(",") if m.strip()]:
                 torch.manual_seed(0)
                 model = build_model(name, 10, (3, 32, 32))
-                for b in [int(v) for v in batches.split(",")]:
+                for b in batch_sizes:
                     dirs, manifests = {}, {}
                     for k in sorted({1, modules}):  # the split is balanced for this batch size
                         dirs[k] = Path(tmp) / f"{name}-b{b}-k{k}"

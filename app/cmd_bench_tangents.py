@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from .cmd_export import parse_ints
+
 TANGENTS_HELP = """Time per step of sync FGD on ONNX Runtime as the number of tangents m carried in ONE dual pass grows.
 
 The primal work is shared by all m tangents, so m estimates cost far less than m passes. Every m is measured
@@ -24,14 +26,14 @@ def register(app: typer.Typer) -> None:
         seconds: float = typer.Option(1.0, help="Each repeat also runs at least this long."),
         repeats: int = typer.Option(5, help="Interleaved repeats (median reported)."),
     ) -> None:
+        shape = tuple(parse_ints(input_shape, "--input-shape", "1,8,8", 3))
+        counts = parse_ints(tangents, "--tangents", "1,8")
         import torch
 
         from asyncfgd.app.benchmarks import TrainingLoop, interleaved
         from asyncfgd.exporter.export import export_model
         from asyncfgd.exporter.models import build_model, model_spec
 
-        shape = tuple(int(v) for v in input_shape.split(","))
-        counts = [int(v) for v in tangents.split(",")]
         torch.manual_seed(0)
         net = build_model(model, 10, shape)
         with tempfile.TemporaryDirectory() as tmp:

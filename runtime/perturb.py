@@ -84,8 +84,10 @@ def _box_muller(bg: np.random.Philox, flat: np.ndarray) -> None:
     p = (n + 1) // 2
     w = bg.random_raw(p).view(np.uint32)
     np.right_shift(w, np.uint32(8), out=w)
-    u = w.astype(np.float32) if n % 2 else flat  # even n: work in the output buffer itself
-    if n % 2 == 0:
+    if n % 2:
+        u = w.astype(np.float32)  # one uniform more than the output holds
+    else:
+        u = flat  # even n: work in the output buffer itself
         np.copyto(u, w, casting="unsafe")  # 24-bit integers: exact in float32
     u += np.float32(0.5)
     u *= _U24

@@ -205,3 +205,15 @@ def test_bench_pipeline_and_tangents_cli_print_ratios():
                                    "--repeats", "1"])
     assert res.exit_code == 0, res.output
     assert "m =   2" in res.output and "x m=1" in res.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bench", "--input-shape", "3,32"], "--input-shape must be 3 comma-separated positive integers"),
+    (["bench-tangents", "--tangents", "1,x"], "--tangents must be comma-separated positive integers"),
+    (["bench-tangents", "--input-shape", "1,8,0"], "--input-shape must be 3 comma-separated positive integers"),
+    (["bench-pipeline", "--batches", "8,"], "--batches must be comma-separated positive integers"),
+])
+def test_bench_clis_reject_bad_number_lists_with_a_message(args, message):
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2
+    assert message in res.output and "Traceback" not in res.output
