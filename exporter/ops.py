@@ -171,6 +171,8 @@ class OnnxOps:
         self._ids = itertools.count()
         self._consts: dict[tuple, OnnxValue] = {}
         self._widened: dict[tuple, OnnxValue] = {}
+        self._exact: set[str] = set()  # masks: every element is 0 or 2^k with k >= 0
+        self._masked: dict[str, tuple[OnnxValue, OnnxValue]] = {}  # Mul output -> (value, exact factor)
 
     # -- graph plumbing -------------------------------------------------------------------
     def _fresh(self, hint: str) -> str:
@@ -201,10 +203,22 @@ class OnnxOps:
         self.outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
 
     def model(self) -> onnx.ModelProto:
+        self._prune()
         graph = helper.make_graph(self.nodes, self.graph_name, self.inputs, self.outputs, self.initializers)
         m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="asyncfgd")
         m.ir_version = 8  # readable by ORT >= 1.10 and TensorRT 10
         return m
+
+    def _prune(self) -> None:
+        """Drop nodes no output depends on (left behind when ``mul`` re-associates mask products)."""
+        needed = {o.name for o in self.outputs}
+        kept = []
+        for n in reversed(self.nodes):
+            if any(o in needed for o in n.output):
+                kept.append(n)
+                needed.update(n.input)
+        self.nodes = kept[::-1]
+        self.initializers = [t for t in self.initializers if t.name in needed]
 
     def _array_const(self, arr: np.ndarray, hint: str) -> OnnxValue:
         key = (arr.dtype.str, arr.shape, arr.tobytes())
@@ -222,7 +236,12 @@ class OnnxOps:
         return x.shape
 
     def const(self, value: np.ndarray | float, like: Any = None) -> OnnxValue:
-        return self._array_const(np.asarray(value, dtype=np.float32), "c")
+        arr = np.asarray(value, dtype=np.float32)
+        v = self._array_const(arr, "c")
+        mant, expo = np.frexp(arr)
+        if np.all((arr == 0) | ((mant == 0.5) & (expo >= 1))):  # 0 or 2^k, k >= 0: products stay exact
+            self._exact.add(v.name)
+        return v
 
     def _binary(self, op: str, a: OnnxValue, b: OnnxValue) -> OnnxValue:
         out = _broadcast(a.shape, b.shape)
@@ -259,7 +278,22 @@ class OnnxOps:
         return self._binary("Sub", a, b)
 
     def mul(self, a: OnnxValue, b: OnnxValue) -> OnnxValue:
-        return self._binary("Mul", a, b)
+        """a·b; a value already multiplied by a mask and now by another one is multiplied once, by
+        the product of the masks (ReLU's mask then max-pool's selection: one pass over the m
+        tangents instead of two). Masks hold only 0s and powers of two, so the result is exact."""
+        if a.name in self._exact and b.name not in self._exact:
+            a, b = b, a
+        if b.name not in self._exact:
+            return self._binary("Mul", a, b)
+        if a.name in self._exact:
+            out = self._binary("Mul", a, b)
+            self._exact.add(out.name)
+            return out
+        value, mask = self._masked.get(a.name, (a, None))
+        mask = b if mask is None else self.mul(mask, b)
+        out = self._binary("Mul", value, mask)
+        self._masked[out.name] = (value, mask)
+        return out
 
     def div(self, a: OnnxValue, b: OnnxValue) -> OnnxValue:
         return self._binary("Div", a, b)
@@ -295,7 +329,11 @@ class OnnxOps:
         m = self._node("Greater", [a.name, self.const(lo).name], a.shape)
         if hi is not None:
             m = self._node("And", [m.name, self._node("Less", [a.name, self.const(hi).name], a.shape).name], a.shape)
-        return self._node("Cast", [m.name], a.shape, to=TensorProto.FLOAT)
+        return self._mask(self._node("Cast", [m.name], a.shape, to=TensorProto.FLOAT))
+
+    def _mask(self, v: OnnxValue) -> OnnxValue:
+        self._exact.add(v.name)
+        return v
 
     def _reduce(self, op: str, a: OnnxValue, axes: Sequence[int], keepdims: bool) -> OnnxValue:
         axes = [ax % len(a.shape) for ax in axes]
@@ -374,7 +412,7 @@ class OnnxOps:
 
     def eq_mask(self, a: OnnxValue, b: OnnxValue) -> OnnxValue:
         shape = _broadcast(a.shape, b.shape)
-        return self._node("Cast", [self._node("Equal", [a.name, b.name], shape).name], shape, to=TensorProto.FLOAT)
+        return self._mask(self._node("Cast", [self._node("Equal", [a.name, b.name], shape).name], shape, to=TensorProto.FLOAT))
 
     def upsample(self, x: OnnxValue, kh: int, kw: int) -> OnnxValue:
         scales = self.const(np.array([1.0] * (len(x.shape) - 2) + [kh, kw], dtype=np.float32))

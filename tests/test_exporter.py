@@ -13,7 +13,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from asyncfgd.app.cli import app
-from asyncfgd.exporter import rules
+from asyncfgd.exporter import dual, rules
 from asyncfgd.exporter.dual import run_program
 from asyncfgd.exporter.export import export_model
 from asyncfgd.exporter.graphs import stat_names, weight_names
@@ -57,6 +57,13 @@ RULE_CASES = {  # name: (layer, per-sample input shape, BatchNorm in train mode)
     "conv2d_groups2_stride2": (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), (4, 7, 7), False),
     "conv2d_depthwise": (lambda: nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=4, bias=False), (4, 7, 7), False),
     "batchnorm2d_train": (lambda: nn.BatchNorm2d(4), (4, 5, 5), True),
+    # conv -> BN: on a zero input tangent the pair runs folded (conv_bn_from_data)
+    "conv_bn_train": (lambda: nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6)), (4, 7, 7), True),
+    "conv_bn_frozen": (lambda: nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6)), (4, 7, 7), False),
+    "conv_bn_stride2_dilated_train": (lambda: nn.Sequential(nn.Conv2d(3, 5, 3, 2, 2, 2, bias=False), nn.BatchNorm2d(5)),
+                                      (3, 9, 8), True),
+    "conv_bn_noaffine_train": (lambda: nn.Sequential(nn.Conv2d(2, 3, (1, 3), padding=(0, 1)),
+                                                     nn.BatchNorm2d(3, affine=False)), (2, 5, 6), True),
     "batchnorm2d_frozen": (lambda: nn.BatchNorm2d(4), (4, 5, 5), False),
     "layernorm_1d": (lambda: nn.LayerNorm(6), (6,), False),
     "layernorm_chw": (lambda: nn.LayerNorm([4, 5, 5]), (4, 5, 5), False),
@@ -88,8 +95,10 @@ def _randomise(model: nn.Module) -> None:
 
 @pytest.mark.parametrize("m", [1, 3])
 @pytest.mark.parametrize("case", sorted(RULE_CASES))
-def test_rule_matches_torch_jvp(case, m):
+def test_rule_matches_torch_jvp(case, m, monkeypatch):
     make, shape, bn_train = RULE_CASES[case]
+    folded = []
+    monkeypatch.setattr(dual, "conv_bn_from_data", lambda *a: folded.append(1) or rules.conv_bn_from_data(*a))
     torch.manual_seed(0)
     model = nn.Sequential(make()).double().eval()
     _randomise(model)
@@ -116,6 +125,8 @@ def test_rule_matches_torch_jvp(case, m):
             for q in new:  # train-mode BatchNorm: running statistics updated as nn.BatchNorm2d does
                 torch.testing.assert_close(new[q], ref_stats[q], rtol=1e-10, atol=1e-12)
         assert bool(new) == bn_train
+    # the folded pair ran, once (on the zero tangent), where it pays: m > 1 or frozen BN
+    assert len(folded) == (case.startswith("conv_bn") and (m > 1 or not bn_train))
 
 
 # --------------------------------------------------------------------------- acceptance matrix
@@ -170,19 +181,26 @@ def test_several_tangents_validate(tmp_path):
     assert validate_artifacts(tmp_path, batch_sizes=(8,)).passed
 
 
-def test_validation_catches_a_wrong_rule(tmp_path, monkeypatch):
-    """A BatchNorm tangent off by 0.1% must fail, at both batch sizes."""
-    orig = rules.RULES["batchnorm2d"]
+@pytest.mark.parametrize("target, k, m, rows", [("rule", 4, 1, ("1", "dual")), ("folded", 2, 3, ("0", "dual_first"))])
+def test_validation_catches_a_wrong_rule(tmp_path, monkeypatch, target, k, m, rows):
+    """A BatchNorm tangent off by 0.1% must fail, at both batch sizes: the plain rule (K=4 puts the
+    first BN alone in module 1) and the conv-BN pair folded on the data (K=2: both in module 0;
+    folded at m > 1)."""
+    def off(fn):
+        def wrong(*args):
+            y, yd, new = fn(*args)
+            ops = args[0]
+            return y, (None if yd is None else ops.mul(yd, ops.const(1.001))), new
+        return wrong
 
-    def off(ops, node, xs, xds, p, u, s, ctx):
-        y, yd, new = orig(ops, node, xs, xds, p, u, s, ctx)
-        return y, (None if yd is None else ops.mul(yd, ops.const(1.001))), new
-
-    monkeypatch.setitem(rules.RULES, "batchnorm2d", off)
-    _zoo_export("cnn", tmp_path, 2, "train")
+    if target == "rule":
+        monkeypatch.setitem(rules.RULES, "batchnorm2d", off(rules.RULES["batchnorm2d"]))
+    else:
+        monkeypatch.setattr(dual, "conv_bn_from_data", off(dual.conv_bn_from_data))
+    _zoo_export("cnn", tmp_path, k, "train", tangents=m)
     report = validate_artifacts(tmp_path, batch_sizes=(1, 64))
     failed = {(r.module, r.role, r.batch) for r in report.rows if r.status == "FAIL"}
-    assert {("0", "dual_first", 1), ("0", "dual_first", 64)} <= failed
+    assert {(*rows, 1), (*rows, 64)} <= failed
     assert all(r.status != "FAIL" for r in report.rows if r.role in ("forward", "eval"))  # primal outputs are right
     assert not report.passed
 
@@ -238,6 +256,32 @@ def test_small_operand_is_expanded_over_short_spans(big, small, widened):
     b = rng.standard_normal([5 if d == -1 else d for d in small]).astype(np.float32)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(sess.run(["y"], {"a": a, "b": b})[0], a * b)
+
+
+def test_mask_after_mask_is_one_pass_over_the_tangents():
+    """ReLU's mask then max-pool's selection: OnnxOps multiplies the m tangents once, by the product
+    of the two masks, and the graph's ẏ is bit-identical to the rules run eagerly (TorchOps)."""
+    import onnxruntime as ort
+
+    from asyncfgd.exporter.graphs import GraphSpec, build_onnx
+
+    model = nn.Sequential(nn.ReLU(), nn.MaxPool2d(2))
+    mod = ModuleSpec(0, trace(model, (3, 4, 4)), "input")
+    m = 4
+    onnx_model = build_onnx(mod, GraphSpec("dual", m, "train"), False, [3, 4, 4], 10, {})
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(onnx_model).graph.value_info
+    rank5 = {v.name for v in inferred if len(v.type.tensor_type.shape.dim) == 5}  # (m, N, C, H, W)
+    assert len([n for n in onnx_model.graph.node if n.op_type == "Mul" and n.output[0] in rank5]) == 1
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 3, 4, 4)).astype(np.float32)
+    x_dot = rng.standard_normal((m, 5, 3, 4, 4)).astype(np.float32)
+    sess = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(["y_dot"], {"x": x, "x_dot": x_dot})[0]
+    _, want, _ = run_program(TorchOps(), mod.nodes, "input", torch.from_numpy(x), torch.from_numpy(x_dot), {}, {}, {},
+                             RuleContext(m, True, True))
+    np.testing.assert_array_equal(got, want.numpy())
 
 
 def test_kink_finder_flags_only_samples_near_a_branch():
