@@ -212,8 +212,8 @@ def pays_to_fold(ctx: RuleContext) -> bool:
     """Whether ``conv_bn_from_data`` is the faster form. Frozen BN folds for free. Train-mode BN
     pays for the moments G and S once (about one forward conv plus an im2col transpose), and saves
     six element-wise passes per tangent: measured on ORT, a loss at m = 1 (3×32×32 small CNN, batch
-    64: module 0's dual run 8.0 → 10.4 ms; neutral on 8×8 digits) and a gain at m = 8 (digits: the
-    dual run 5.6 → 5.0 ms)."""
+    64: module 0's profiled dual run 7.9 → 10.4 ms; neutral on 8×8 digits) and a gain at m = 8
+    (digits: the dual run 5.6 → 5.0 ms; 3×32×32: 93 → 78 ms), docs/performance.md."""
     return ctx.dual and (ctx.m > 1 or not ctx.bn_train)
 
 
