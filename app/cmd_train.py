@@ -24,7 +24,7 @@ from asyncfgd.runtime.schedules import ALPHA_PRESETS, LR_KINDS
 from .cmd_export import parse_config
 from .checkpoint import CheckpointError
 from .data import DataError
-from .train import Interrupted, TrainConfig, TrainError, saved_config, train
+from .train import STORE_TANGENTS_BUDGET, Interrupted, TrainConfig, TrainError, saved_config, train
 
 D = TrainConfig()  # the defaults, in one place
 EXPORT_OPTIONS = ("model", "modules", "split", "bn", "weights", "config", "tangents")
@@ -166,8 +166,11 @@ def train_cmd(
                                  "The main lever on accuracy; lower it to train faster."),
     tangent_mode: Literal[MODES] = typer.Option(D.tangent_mode, help="Tangent distribution; orthogonal makes "
                                                 "several tangents per pass cover distinct directions."),
-    store_tangents: bool = typer.Option(D.store_tangents, help="Keep tangents until their delayed update "
-                                        "instead of regenerating them from the seed (more memory, less compute)."),
+    store_tangents: bool | None = typer.Option(
+        D.store_tangents, "--store-tangents/--no-store-tangents", show_default=False,
+        help="Keep tangents until their delayed update instead of regenerating them from the seed (more memory, "
+        "less compute; the weights are identical either way). Default: keep them when the copies fit in "
+        f"{STORE_TANGENTS_BUDGET >> 20} MiB."),
     seed: int = typer.Option(D.seed, min=0, help="Seed of the initial weights, data order and tangents."),
     threads: int = typer.Option(D.threads, min=0, help="Threads per module (ONNX Runtime intra-op, or torch). "
                                 "1 suits small models, whose K modules already run concurrently; for large "

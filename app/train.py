@@ -95,7 +95,7 @@ class TrainConfig:
     alphas: list[float] | None = None
     tangents: int = 32
     tangent_mode: str = "gaussian"
-    store_tangents: bool = False
+    store_tangents: bool | None = None  # None: store when the copies fit in STORE_TANGENTS_BUDGET
     seed: int = 0
     threads: int = 1
     augment: bool = False
@@ -143,6 +143,27 @@ class Learner(Protocol):
         ...
 
 
+#: with --store-tangents unset, AsyncFGD keeps its delayed tangents when the copies take at most this
+STORE_TANGENTS_BUDGET = 64 << 20  # bytes
+
+
+def store_tangents(cfg: TrainConfig, arts: Artifacts) -> bool:
+    """--store-tangents as given, or when unset: keep each delayed module's tangents until its update
+    if all the copies fit in STORE_TANGENTS_BUDGET. The weights come out bit-identical either way;
+    regenerating costs a second draw per step (the MLP's default run: 10% of its training time),
+    storing costs (K − k) copies of module k's m tangents (the MLP's: 2 MB)."""
+    if cfg.store_tangents is not None:
+        return cfg.store_tangents
+    return cfg.method == "asyncfgd" and stored_tangent_bytes(arts) <= STORE_TANGENTS_BUDGET
+
+
+def stored_tangent_bytes(arts: Artifacts) -> int:
+    """Memory of AsyncFGD's tangent copies: module k (delay K−1−k) keeps K − k steps of m tangents."""
+    K = len(arts.modules)
+    return sum((K - k) * arts.tangents * 4 * sum(math.prod(p["shape"]) for p in mod.params)
+               for k, mod in enumerate(arts.modules) if k < K - 1)
+
+
 class FgdLearner:
     """Sync FGD or AsyncFGD on the runtime (ONNX Runtime or torch backend)."""
 
@@ -156,7 +177,7 @@ class FgdLearner:
             return 0.0 if module < frozen else schedule.alpha(module, K, step / steps_per_epoch)
 
         self.scheduler = make_scheduler(self.runners, cfg.method, cfg.optimizer, cfg.lr_fn(steps_per_epoch), alpha,
-                                        Perturbation(cfg.seed, cfg.tangent_mode, cfg.store_tangents),
+                                        Perturbation(cfg.seed, cfg.tangent_mode, store_tangents(cfg, arts)),
                                         cfg.optimizer_kw())
 
     def feed(self, x: np.ndarray, onehot: np.ndarray) -> list[StepOutcome]:
@@ -298,7 +319,7 @@ def saved_config(run_dir: Path) -> TrainConfig:
 
 def _write_config(run_dir: Path, cfg: TrainConfig, arts: Artifacts, data: DatasetSplits, rd: RunData,
                   steps: int) -> None:
-    resolved = {**asdict(cfg), "artifacts_dir": str(arts.root), "model_spec": arts.manifest["model"],
+    resolved = {**asdict(cfg), "store_tangents": store_tangents(cfg, arts), "artifacts_dir": str(arts.root), "model_spec": arts.manifest["model"],
                 "num_modules": len(arts.modules), "artifact_tangents": arts.tangents, "bn_mode": arts.bn_mode,
                 "frozen_modules": frozen_modules(arts.modules, cfg.freeze_until),
                 "dataset": {"name": data.name, "train": len(rd.train), rd.eval_name: len(rd.eval),

@@ -97,6 +97,23 @@ def test_run_writes_config_metrics_plot_and_prints_accuracy(uninterrupted: Path)
     assert config["model_spec"]["config"] == {"hidden": [16]}
 
 
+def test_tangent_copies_are_kept_when_they_fit_the_budget(art: Path, uninterrupted: Path,
+                                                          monkeypatch: pytest.MonkeyPatch):
+    """Unset --store-tangents: AsyncFGD keeps module 0's tangents (delay 1: 2 steps of m = 2 tangents
+    of its 64·16 + 16 weights) when they fit STORE_TANGENTS_BUDGET; explicit flags and sync FGD win."""
+    arts = load_artifacts(art)
+    size = 2 * 2 * 4 * (64 * 16 + 16)
+    assert train_mod.stored_tangent_bytes(arts) == size
+    cfg = train_mod.TrainConfig()
+    assert cfg.store_tangents is None and train_mod.store_tangents(cfg, arts)
+    assert json.loads((uninterrupted / "config.json").read_text())["store_tangents"] is True
+    assert not train_mod.store_tangents(train_mod.TrainConfig(method="fgd"), arts)
+    assert not train_mod.store_tangents(train_mod.TrainConfig(store_tangents=False), arts)
+    monkeypatch.setattr(train_mod, "STORE_TANGENTS_BUDGET", size - 1)
+    assert not train_mod.store_tangents(cfg, arts)
+    assert train_mod.store_tangents(train_mod.TrainConfig(store_tangents=True), arts)
+
+
 def test_final_line_reports_test_accuracy(art: Path, tmp_path: Path):
     result = _invoke(_args(art, tmp_path / "r", "--epochs", "1"))
     assert result.exit_code == 0, result.output
