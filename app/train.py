@@ -319,7 +319,8 @@ def saved_config(run_dir: Path) -> TrainConfig:
 
 def _write_config(run_dir: Path, cfg: TrainConfig, arts: Artifacts, data: DatasetSplits, rd: RunData,
                   steps: int) -> None:
-    resolved = {**asdict(cfg), "store_tangents": store_tangents(cfg, arts), "artifacts_dir": str(arts.root), "model_spec": arts.manifest["model"],
+    resolved = {**asdict(cfg), "store_tangents": store_tangents(cfg, arts), "artifacts_dir": str(arts.root),
+                "model_spec": arts.manifest["model"],
                 "num_modules": len(arts.modules), "artifact_tangents": arts.tangents, "bn_mode": arts.bn_mode,
                 "frozen_modules": frozen_modules(arts.modules, cfg.freeze_until),
                 "dataset": {"name": data.name, "train": len(rd.train), rd.eval_name: len(rd.eval),

@@ -38,7 +38,8 @@ def run_program(ops: Any, nodes: list[Node], input_name: str, x: Any, x_dot: Any
     return (*env[nodes[-1].name], new_stats)
 
 
-def _bind(node: Node, params: dict[str, Any], tangents: dict[str, Any], stats: dict[str, Any]) -> tuple[dict, dict, dict]:
+def _bind(node: Node, params: dict[str, Any], tangents: dict[str, Any],
+          stats: dict[str, Any]) -> tuple[dict, dict, dict]:
     """A node's weights, weight tangents (None where zero) and statistics by local role."""
     return ({role: params[q] for role, q in node.params.items()},
             {role: tangents.get(q) for role, q in node.params.items()},

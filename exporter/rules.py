@@ -262,9 +262,10 @@ def conv_bn_from_data(ops, conv_node: Node, bn_node: Node, x, p_conv: dict, u_co
 def _tap_moments(ops, x, xc, conv_node: Node, kernel: tuple[int, int]) -> tuple[Any, Any]:
     """G[c,ci,t] = mean_{n,p}(xc[n,c,p]·x[n,ci,p+t]) and S[ci,t] = mean_{n,p} x[n,ci,p+t] over the
     conv's taps t (zero padding): the moments that make BN's tangent statistics linear in the conv's
-    weight tangent (``conv_bn_from_data``). The im2col of x comes from one conv of each input channel with
-    one-hot tap kernels (slicing every tap costs ~20 graph nodes); G is then one GEMM over (n, p)
-    and S the same im2col of the batch-mean image (a batched product reduced over n runs 2x slower)."""
+    weight tangent (``conv_bn_from_data``). The im2col of x comes from one conv of each input
+    channel with one-hot tap kernels (slicing every tap costs ~20 graph nodes); G is then one GEMM
+    over (n, p) and S the same im2col of the batch-mean image (a batched product reduced over n
+    ran 2x slower)."""
     a_ = conv_node.attrs
     kh, kw = kernel
     n_ci, h, w = ops.shape(x)[1:]
