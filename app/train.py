@@ -37,6 +37,7 @@ from . import checkpoint, metrics
 from .artifact_cache import ExportOptions, cached_artifacts
 from .data import ArrayDataset, BatchStream, DatasetSplits, load_dataset, one_hot, split_validation
 from .freeze import freeze_note, frozen_modules
+from .memory_model import F32, param_numel
 
 #: test hook: the process SIGKILLs itself after feeding this many mini-batches in total
 KILL_ENV = "ASYNCFGD_TEST_SIGKILL_AT_STEP"
@@ -160,8 +161,7 @@ def store_tangents(cfg: TrainConfig, arts: Artifacts) -> bool:
 def stored_tangent_bytes(arts: Artifacts) -> int:
     """Memory of AsyncFGD's tangent copies: module k (delay K−1−k) keeps K − k steps of m tangents."""
     K = len(arts.modules)
-    return sum((K - k) * arts.tangents * 4 * sum(math.prod(p["shape"]) for p in mod.params)
-               for k, mod in enumerate(arts.modules) if k < K - 1)
+    return sum((K - k) * arts.tangents * F32 * param_numel(mod.raw) for k, mod in enumerate(arts.modules) if k < K - 1)
 
 
 class FgdLearner:

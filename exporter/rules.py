@@ -237,7 +237,7 @@ def conv_bn_from_data(ops, conv_node: Node, bn_node: Node, x, p_conv: dict, u_co
     z = conv(x, w, b)
     y, new, base, a, r, mu = _bn_primal(ops, bn_node, z, p_bn, s_bn, ctx)
     m = ctx.m
-    c, ci, kh, kw = ops.shape(w)
+    c, _, kh, kw = ops.shape(w)
     uw = u_conv["weight"]  # (m, C, Ci, kh, kw)
     ub = ops.reshape(u_conv["bias"], [m, 1, c, 1, 1]) if u_conv.get("bias") is not None else None
     pc = mean_zd = None

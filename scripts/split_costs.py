@@ -29,7 +29,6 @@ import torch
 from asyncfgd.app.bench_worker import synthetic_batch
 from asyncfgd.exporter.export import export_model, module_specs
 from asyncfgd.exporter.models import build_model, model_spec
-from asyncfgd.exporter.program import node_flops_dual
 from asyncfgd.runtime.artifacts import load_artifacts
 from asyncfgd.runtime.backend import ModuleRunner
 from asyncfgd.runtime.engine import load_runners
@@ -66,7 +65,7 @@ def _modules(name: str, shape: tuple[int, int, int], cut: str, batch: int, runs:
     runs_of = (lambda: runners[0].run("dual_first", x), lambda: runners[1].run("dual", first.y, first.y_dot, y))
     rows = []
     for spec, run in zip(module_specs(manifest), runs_of):
-        macs = batch * sum(node_flops_dual(n) for n in spec.nodes)
+        macs = batch * spec.cost
         elements = batch * sum(math.prod(n.shape) for n in spec.nodes)
         rows.append((_median_s(run, runs), macs, elements))
         print(f"{name} cut before {cut}, module {spec.index}: dual run {1e3 * rows[-1][0]:8.1f} ms")
