@@ -8,12 +8,13 @@ say what went wrong and what would work.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
 import typer
+
+from .memory_model import param_numel
 
 USAGE_ERROR = 2
 
@@ -59,7 +60,7 @@ def _summary(manifest: dict[str, Any], out: Path) -> str:
     for m in manifest["modules"]:
         files = [out / g["file"] for g in m["graphs"].values()]
         size = sum(f.stat().st_size for f in files) / 1e6
-        params = sum(math.prod(p["shape"]) for p in m["params"])
+        params = param_numel(m)
         rows.append((str(m["index"]), f"{m['layers'][0]} .. {m['layers'][-1]}", f"{params:,}",
                      f"{m['cost_flops'] / 1e6:.2f}", f"{len(files)} ({size:.2f} MB)"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
