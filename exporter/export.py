@@ -38,8 +38,9 @@ def export_model(model: Any, out_dir: str | Path, input_shape: tuple[int, int, i
     ``{"name": "custom"}`` and are still fully described by the stored programs.
     ``local_heads`` adds an auxiliary classifier to every non-last module and a ``local`` graph
     role (the experimental local-loss mode, local_heads.py); ``seed`` initialises those heads.
-    ``balance_batch`` is the mini-batch size an automatic split (``modules``) is balanced for
-    (split.py: per-weight work weighs more at small batches).
+    ``balance_batch`` is the training mini-batch size: an automatic split (``modules``) is
+    balanced for it (split.py: per-weight work weighs more at small batches), and the rules pick
+    their faster graph forms for it (``tuned_batch`` in the manifest; any batch size still runs).
     """
     if bn_mode not in BN_MODES:
         raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
@@ -68,7 +69,7 @@ def export_model(model: Any, out_dir: str | Path, input_shape: tuple[int, int, i
         for role in module_roles(mod):
             if progress:
                 progress(f"module {mod.index} {role}")
-            model_proto = build_onnx(mod, GraphSpec(role, tangents, bn_mode), is_last, in_shape, num_classes, shapes)
+            model_proto = build_onnx(mod, GraphSpec(role, tangents, bn_mode, balance_batch), is_last, in_shape, num_classes, shapes)
             fname = f"module{mod.index}.{role}.onnx"
             data = model_proto.SerializeToString()
             (out / fname).write_bytes(data)
@@ -83,6 +84,7 @@ def export_model(model: Any, out_dir: str | Path, input_shape: tuple[int, int, i
                   "input_shape": [int(d) for d in input_shape]},
         "bn_mode": bn_mode, "tangents": int(tangents), "weights_file": "weights.npz",
         "balance_batch": None if split_at else int(balance_batch),
+        "tuned_batch": int(balance_batch),
         "modules": manifest_modules,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))

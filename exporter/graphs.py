@@ -29,6 +29,7 @@ class GraphSpec:
     role: str
     m: int
     bn_mode: str  # "train" | "frozen"
+    batch: int = 64  # the mini-batch size cost-based graph forms are chosen for (rules.RuleContext)
 
     @property
     def dual(self) -> bool:
@@ -39,7 +40,7 @@ class GraphSpec:
         return self.bn_mode == "train" and self.role != "eval"
 
     def context(self) -> RuleContext:
-        return RuleContext(m=self.m, dual=self.dual, bn_train=self.bn_train)
+        return RuleContext(m=self.m, dual=self.dual, bn_train=self.bn_train, batch=self.batch)
 
 
 def module_roles(mod: ModuleSpec) -> tuple[str, ...]:

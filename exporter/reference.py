@@ -68,8 +68,11 @@ def run_reference(model: torch.nn.Module, specs: Sequence[ModuleSpec], batches: 
                   *, method: str, seed: int, alpha: Callable[[int, int], float], lr: Callable[[int], float],
                   optimizer: str = "sgd", optimizer_kw: dict[str, Any] | None = None, tangents: int = 1,
                   mode: str = "gaussian", bn_mode: str = "train", dual: str = "jvp",
-                  optimizer_impl: str = "torch", num_classes: int = 10) -> ReferenceResult:
-    """Train on ``batches`` ((x, integer labels) pairs) with sync FGD (``method="fgd"``) or AsyncFGD."""
+                  optimizer_impl: str = "torch", num_classes: int = 10, tuned_batch: int = 64) -> ReferenceResult:
+    """Train on ``batches`` ((x, integer labels) pairs) with sync FGD (``method="fgd"``) or AsyncFGD.
+
+    ``dual="rules"`` runs the exporter's dual functions, with the graph forms chosen for ``tuned_batch``
+    (the artifacts' ``tuned_batch``, so that both sides run the same forms)."""
     K, m = len(specs), tangents
     state = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
     params = [{q: state[q] for q in weight_names(s.nodes)} for s in specs]
@@ -103,7 +106,7 @@ def run_reference(model: torch.nn.Module, specs: Sequence[ModuleSpec], batches: 
             onehot = F.one_hot(y_int, num_classes).float()
             xd = torch.stack(xds) if upstream else None
             with torch.no_grad():
-                o = run_module(TorchOps(), specs[k], GraphSpec(role, m, bn_mode), last, x, xd, params[k],
+                o = run_module(TorchOps(), specs[k], GraphSpec(role, m, bn_mode, tuned_batch), last, x, xd, params[k],
                                u or {}, stats[k], onehot)
             for name, v in o.items():
                 if name.startswith("s_new."):

@@ -65,6 +65,11 @@ class Artifacts:
     def bn_mode(self) -> str:
         return str(self.manifest["bn_mode"])
 
+    @property
+    def tuned_batch(self) -> int:
+        """The batch the graphs' cost-based forms were chosen for (64 in artifacts older than 0.5)."""
+        return int(self.manifest.get("tuned_batch", 64))
+
     def graph_path(self, index: int, role: str) -> Path:
         mod = self.modules[index]
         if role not in mod.graphs:

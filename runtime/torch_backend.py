@@ -34,7 +34,7 @@ class TorchModuleRunner:
         self.index, self.is_last = index, info.is_last
         self.device = torch.device(device)
         self._spec = module_specs(artifacts.manifest)[index]
-        self._graph = lambda role: GraphSpec(role, tangents, artifacts.bn_mode)  # noqa: E731
+        self._graph = lambda role: GraphSpec(role, tangents, artifacts.bn_mode, artifacts.tuned_batch)  # noqa: E731
         self._run_module, self._ops = run_module, TorchOps(device=self.device)
         dev = lambda a: torch.from_numpy(np.array(a, dtype=np.float32)).to(self.device)  # noqa: E731
         self.params = {n: dev(artifacts.weights[n]) for n in info.param_names}

@@ -284,6 +284,59 @@ def test_mask_after_mask_is_one_pass_over_the_tangents():
     np.testing.assert_array_equal(got, want.numpy())
 
 
+DENSE_CONVS = [  # (Ci, Co, per-sample H, W, conv attrs)
+    (4, 6, 4, 4, dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1))),
+    (3, 5, 5, 4, dict(stride=(2, 1), padding=(1, 0), dilation=(1, 1))),
+    (2, 3, 5, 5, dict(stride=(1, 1), padding=(2, 2), dilation=(2, 2))),
+    (4, 2, 2, 2, dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1))),
+]
+
+
+@pytest.mark.parametrize("ci, co, h, w, attrs", DENSE_CONVS)
+def test_dense_conv_is_the_convolution(ci, co, h, w, attrs):
+    """W's dense matrix times the flattened input is the convolution: eagerly in float64 against
+    F.conv2d, and as an ONNX graph through ONNX Runtime against torch in float32."""
+    import onnxruntime as ort
+
+    from asyncfgd.exporter.ops import OnnxOps
+
+    attrs = {**attrs, "groups": 1}
+    torch.manual_seed(0)
+    x, k = torch.randn(7, ci, h, w, dtype=torch.float64), torch.randn(co, ci, 3, 3, dtype=torch.float64)
+    want = torch.nn.functional.conv2d(x, k, None, attrs["stride"], attrs["padding"], attrs["dilation"])
+    torch.testing.assert_close(rules.dense_conv(TorchOps(torch.float64), x, k, attrs), want, rtol=1e-12, atol=1e-12)
+    ops = OnnxOps("dense")
+    ops.output("y", rules.dense_conv(ops, ops.input("x", (-1, ci, h, w)), ops.input("k", (co, ci, 3, 3)), attrs))
+    sess = ort.InferenceSession(ops.model().SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(["y"], {"x": x.float().numpy(), "k": k.float().numpy()})[0]
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch, dense", [(128, True), (64, False)])
+def test_conv_rule_goes_dense_only_where_it_pays(monkeypatch, batch, dense):
+    """A conv on 4×4 maps with m = 3 tangents: the W·ẋ product runs dense for a tuned batch of 128
+    (384 tangent-samples), as ORT's conv for 64 (192); either way ẏ is torch.func.jvp's."""
+    used = []
+    monkeypatch.setattr(rules, "dense_conv", lambda *a: used.append(1) or DENSE_CONV(*a))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1)).double()
+    nodes = trace(model, (4, 4, 4))
+    params = {q: v.clone() for q, v in model.state_dict().items()}
+    m, n = 3, 5
+    x, x_dot = torch.randn(n, 4, 4, 4, dtype=torch.float64), torch.randn(m, n, 4, 4, 4, dtype=torch.float64)
+    tangents = {q: torch.randn(m, *p.shape, dtype=torch.float64) for q, p in params.items()}
+    _, yd, _ = run_program(TorchOps(torch.float64), nodes, "input", x, x_dot, params, tangents, {},
+                           RuleContext(m, True, False, batch=batch))
+    assert len(used) == dense
+    for j in range(m):
+        _, want = jvp_module(model, ModuleSpec(0, nodes, "input"), x, x_dot[j], params,
+                             {q: u[j] for q, u in tangents.items()}, {})
+        torch.testing.assert_close(yd[j], want, rtol=1e-10, atol=1e-10)
+
+
+DENSE_CONV = rules.dense_conv
+
+
 def test_kink_finder_flags_only_samples_near_a_branch():
     model = nn.Sequential(nn.ReLU6(), nn.MaxPool2d(2)).double()
     nodes = trace(model, (1, 2, 2))
