@@ -5,18 +5,19 @@ from collections import Counter
 from typing import Any
 
 from .program import Node
-from .rules import RULES, RuleContext, conv_bn_from_data, pays_to_fold
+from .rules import RULES, RuleContext, conv_bn_from_data, pays_to_fold, swap_major
 
 
 def run_program(ops: Any, nodes: list[Node], input_name: str, x: Any, x_dot: Any, params: dict[str, Any],
                 tangents: dict[str, Any], stats: dict[str, Any], ctx: RuleContext) -> tuple[Any, Any, dict[str, Any]]:
     """Interpret ``nodes`` on (x, ẋ): returns (y, ẏ, updated BN statistics by qualified name).
 
-    ``tangents`` maps weight names to (m, *shape) tangents; a missing entry or ``x_dot=None``
-    means a zero tangent, whose work the rules skip. A conv fed by a zero tangent and read only
+    ``x_dot`` and ẏ are (m, N, ...), the artifact contract's layout; the rules work on (N, m, ...)
+    (rules.py), one transpose each way when m > 1. ``tangents`` maps weight names to (m, *shape)
+    tangents; a missing entry or ``x_dot=None`` means a zero tangent, whose work the rules skip. A conv fed by a zero tangent and read only
     by a BatchNorm runs as one folded pair (``conv_bn_from_data``) where that pays.
     """
-    env: dict[str, tuple[Any, Any]] = {input_name: (x, x_dot)}
+    env: dict[str, tuple[Any, Any]] = {input_name: (x, swap_major(ops, x_dot, ctx.m))}
     new_stats: dict[str, Any] = {}
     bn_of = _bn_after_conv(nodes)
     done: set[str] = set()
@@ -35,7 +36,8 @@ def run_program(ops: Any, nodes: list[Node], input_name: str, x: Any, x_dot: Any
             y, yd, upd = RULES[node.op](ops, node, xs, xds, p, u, s, ctx)
         env[node.name] = (y, yd)
         new_stats.update({node.buffers[role]: v for role, v in upd.items()})
-    return (*env[nodes[-1].name], new_stats)
+    y, yd = env[nodes[-1].name]
+    return y, swap_major(ops, yd, ctx.m), new_stats
 
 
 def _bind(node: Node, params: dict[str, Any], tangents: dict[str, Any],

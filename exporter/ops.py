@@ -403,7 +403,8 @@ class OnnxOps:
     def unsqueeze(self, x: OnnxValue, axis: int) -> OnnxValue:
         shape = list(x.shape)
         shape.insert(axis % (len(shape) + 1), 1)
-        return self._node("Unsqueeze", [x.name, self._ints([axis]).name], tuple(shape))
+        out = self._node("Unsqueeze", [x.name, self._ints([axis]).name], tuple(shape))
+        return self._mask(out) if x.name in self._exact else out  # a mask stays a mask
 
     def strided_hw(self, x: OnnxValue, start: Sequence[int], step: Sequence[int], size: Sequence[int]) -> OnnxValue:
         ends = [b + s * (n - 1) + 1 for b, s, n in zip(start, step, size)]

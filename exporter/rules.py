@@ -1,6 +1,6 @@
 """Dual rules: for each layer type, (y, ẏ) = (f(x; θ), ∂f/∂x·ẋ + ∂f/∂θ·u) with plain ops.
 
-A rule takes primal inputs ``xs`` (N, ...), their tangents ``xds`` (m, N, ...) or None (a zero
+A rule takes primal inputs ``xs`` (N, ...), their tangents ``xds`` (N, m, ...) or None (a zero
 tangent: that work is skipped), the layer's weights ``p`` and weight tangents ``u`` (m, *shape)
 or None, and BatchNorm statistics ``s``. It returns y, ẏ (or None when ẏ is identically zero)
 and any updated statistics. With ``ctx.dual`` false the same rule is the plain forward, so the
@@ -8,6 +8,13 @@ forward, eval and dual graphs all come from one definition.
 
 Costs are kept near the 3× FLOP floor of a weight-perturbed dual step: for m = 1, a conv or
 linear computes ∂f/∂x·ẋ + ∂f/∂θ·u as ONE product over channel-concatenated [ẋ, x] and [W, U].
+
+Tangents are sample-major inside a module, (N, m, ...), although the artifact contract (and
+``run_program``'s interface) is (m, N, ...): a product with the m weight tangents stacked along
+the output channels comes out as (N, m·C, ...), so in this layout it needs no transpose (one
+pass over all m tangents per layer otherwise), while W·ẋ treats the N·m tangent-samples as one
+batch in either order. A primal factor meets the tangents as (N, 1, ...) (``_primal``), a
+per-tangent one as (1, m, ...).
 """
 from __future__ import annotations
 
@@ -48,13 +55,28 @@ def _add_opt(ops: Any, a: Any, b: Any) -> Any:
 
 
 def merge_m(ops: Any, t: Any) -> Any:
-    """(m, N, ...) -> (m·N, ...) so a batched op sees the tangents as a bigger batch."""
+    """(N, m, ...) -> (N·m, ...) so a batched op sees the tangents as a bigger batch."""
     return ops.reshape(t, [-1, *ops.shape(t)[2:]])
 
 
 def split_m(ops: Any, t: Any, m: int) -> Any:
-    """(m·N, ...) -> (m, N, ...)."""
-    return ops.reshape(t, [m, -1, *ops.shape(t)[1:]])
+    """(N·m, ...) -> (N, m, ...)."""
+    return ops.reshape(t, [-1, m, *ops.shape(t)[1:]])
+
+
+def _primal(ops: Any, v: Any) -> Any:
+    """A primal (N, ...) value as a factor of sample-major tangents: (N, 1, ...)."""
+    return ops.unsqueeze(v, 1)
+
+
+def swap_major(ops: Any, t: Any, m: int) -> Any:
+    """(m, N, ...) <-> (N, m, ...): the contract's layout to the rules' and back (a reshape at m = 1)."""
+    if t is None:
+        return None
+    rest = list(ops.shape(t)[2:])
+    if m == 1:
+        return ops.reshape(t, [1, -1, *rest] if ops.shape(t)[1] == 1 else [-1, 1, *rest])
+    return ops.transpose(t, [1, 0, *range(2, len(rest) + 2)])
 
 
 def _param_tangent_product(ops: Any, x: Any, u: Any, m: int, product: Callable[[Any, Any], Any],
@@ -62,21 +84,21 @@ def _param_tangent_product(ops: Any, x: Any, u: Any, m: int, product: Callable[[
     """∂f/∂θ·u for a layer linear in θ: all m tangents in one product over stacked outputs.
 
     ``product(x, W)`` is the layer's map; stacking the m tangents along the output-channel axis
-    (group-major, so grouped convs keep their channel groups) gives (N, m·C, ...) in one call.
+    gives (N, m·C, ...) = (N, m, C, ...) in one call. Grouped convs stack group-major (to keep
+    their channel groups) and move m before the groups afterwards.
     """
     shp = ops.shape(u)  # (m, C, ...)
     c, rest = shp[1], list(shp[2:])
-    if m == 1:
-        y = product(x, ops.reshape(u, [c, *rest]))
-        return ops.unsqueeze(y, 0)
     g = groups
+    if g == 1 or m == 1:
+        y = product(x, ops.reshape(u, [m * c, *rest]))
+        return ops.reshape(y, [-1, m, c, *ops.shape(y)[2:]])
     w = ops.reshape(u, [m, g, c // g, *rest])
     w = ops.transpose(w, [1, 0, *range(2, len(rest) + 3)])
     y = product(x, ops.reshape(w, [g * m * (c // g), *rest]))  # (N, g·m·c/g, ...)
     ys = ops.shape(y)
-    y = ops.reshape(y, [0, g, m, c // g, *ys[2:]])
-    y = ops.transpose(y, [2, 0, 1, *range(3, len(ys) + 2)])
-    return ops.reshape(y, [m, -1, c, *ys[2:]])
+    y = ops.transpose(ops.reshape(y, [-1, g, m, c // g, *ys[2:]]), [0, 2, 1, *range(3, len(ys) + 2)])
+    return ops.reshape(y, [-1, m, c, *ys[2:]])
 
 
 @rule("linear")
@@ -91,13 +113,13 @@ def linear(ops, node, xs, xds, p, u, s, ctx) -> RuleOut:
         # one product: [ẋ, x] @ [W, U]ᵀ
         xx = ops.concat([ops.reshape(xd, [-1, ops.shape(x)[1]]), x], 1)
         ww = ops.concat([w, ops.reshape(uw, list(ops.shape(w)))], 1)
-        yd = ops.unsqueeze(ops.gemm(xx, ww, None), 0)
+        yd = ops.unsqueeze(ops.gemm(xx, ww, None), 1)
     else:
         yd = _param_tangent_product(ops, x, uw, ctx.m, lambda a, k: ops.gemm(a, k, None))
         if xd is not None:
             yd = ops.add(yd, ops.matmul(xd, ops.transpose(w, [1, 0])))
     if ub is not None:
-        yd = ops.add(yd, ops.reshape(ub, [ctx.m, 1, ops.shape(ub)[1]]))
+        yd = ops.add(yd, ops.reshape(ub, [1, ctx.m, ops.shape(ub)[1]]))
     return y, yd, {}
 
 
@@ -119,7 +141,7 @@ def conv2d(ops, node, xs, xds, p, u, s, ctx) -> RuleOut:
         xx = ops.concat([ops.reshape(xd, [-1, g, n_c // g, *hw]), ops.reshape(x, [-1, g, n_c // g, *hw])], 2)
         xx = ops.reshape(xx, [-1, 2 * n_c, *hw])
         ww = ops.concat([w, ops.reshape(uw, list(ops.shape(w)))], 1)
-        yd = ops.unsqueeze(conv(xx, ww), 0)
+        yd = ops.unsqueeze(conv(xx, ww), 1)
     else:
         yd = _param_tangent_product(ops, x, uw, ctx.m, conv, groups=g)
         if xd is not None:
@@ -127,7 +149,7 @@ def conv2d(ops, node, xs, xds, p, u, s, ctx) -> RuleOut:
             wxd = dense_conv(ops, xd, w, a) if pays_to_densify(ctx, ops.shape(x), ops.shape(w), a) else conv(xd, w)
             yd = ops.add(yd, split_m(ops, wxd, ctx.m))
     if ub is not None:
-        yd = ops.add(yd, ops.reshape(ub, [ctx.m, 1, ops.shape(ub)[1], 1, 1]))
+        yd = ops.add(yd, ops.reshape(ub, [1, ctx.m, ops.shape(ub)[1], 1, 1]))
     return y, yd, {}
 
 
@@ -191,10 +213,11 @@ def dense_conv(ops, x, w, attrs: dict) -> Any:
     return ops.reshape(y, [-1, co, ho, wo])
 
 
-def _channel_mean(ops, t, batch_axis: int):
-    """Mean over batch and spatial axes, keeping channels: spatial first (contiguous, fast), then
-    the batch axis. ONNX Runtime reduces non-adjacent axes in one pass far more slowly."""
-    return ops.mean(ops.mean(t, [batch_axis + 2, batch_axis + 3]), [batch_axis])
+def _channel_mean(ops, t):
+    """Mean over the batch (first) and spatial (last two) axes, keeping the others: spatial first
+    (contiguous, fast), then the batch axis. ONNX Runtime reduces non-adjacent axes in one pass
+    far more slowly."""
+    return ops.mean(ops.mean(t, [-2, -1]), [0])
 
 
 def _bn_primal(ops, node, x, p, s, ctx) -> tuple[Any, dict, Any, Any, Any, Any]:
@@ -207,9 +230,9 @@ def _bn_primal(ops, node, x, p, s, ctx) -> tuple[Any, dict, Any, Any, Any, Any]:
     beta = ops.reshape(p["bias"], chan) if "bias" in p else None
     new: dict[str, Any] = {}
     if ctx.bn_train:
-        mu = _channel_mean(ops, x, 0)
+        mu = _channel_mean(ops, x)
         base = ops.sub(x, mu)  # xc
-        var = _channel_mean(ops, ops.mul(base, base), 0)
+        var = _channel_mean(ops, ops.mul(base, base))
         r = ops.div(ops.const(1.0), ops.sqrt(ops.add(var, ops.const(eps))))
         n = ops.batch_count(x, ops.shape(x)[2] * ops.shape(x)[3])
         unbiased = ops.mul(ops.reshape(var, [c]), ops.div(n, ops.sub(n, ops.const(1.0))))
@@ -230,10 +253,10 @@ def _bn_primal(ops, node, x, p, s, ctx) -> tuple[Any, dict, Any, Any, Any, Any]:
 
 
 def _bn_tangent_coefficients(ops, c: int, a, r, mu, u, ctx, pc=None, mean_xd=None) -> tuple[Any, Any]:
-    """Per-tangent (coef, const), each (m, 1, C, 1, 1) or None, with ẏ = a·ẋ + base·coef + const.
+    """Per-tangent (coef, const), each (1, m, C, 1, 1) or None, with ẏ = a·ẋ + base·coef + const.
 
     Train mode needs p = mean(xc·ẋ) and mean(ẋ) (None when ẋ is zero)."""
-    tchan = [ctx.m, 1, c, 1, 1]
+    tchan = [1, ctx.m, c, 1, 1]
     ug = ops.reshape(u["weight"], tchan) if u.get("weight") is not None else None
     ub = ops.reshape(u["bias"], tchan) if u.get("bias") is not None else None
     coef = None if ug is None else ops.mul(ug, r)
@@ -261,11 +284,11 @@ def batchnorm2d(ops, node, xs, xds, p, u, s, ctx) -> RuleOut:
         return y, None, new
     pc = mean_xd = None
     if ctx.bn_train and xd is not None:
-        pc, mean_xd = _channel_mean(ops, ops.mul(base, xd), 1), _channel_mean(ops, xd, 1)
+        pc, mean_xd = _channel_mean(ops, ops.mul(_primal(ops, base), xd)), _channel_mean(ops, xd)
     coef, const = _bn_tangent_coefficients(ops, ops.shape(x)[1], a, r, mu, u, ctx, pc, mean_xd)
     yd = None if xd is None else ops.mul(xd, a)
     if coef is not None:
-        yd = _add_opt(ops, yd, ops.mul(ops.unsqueeze(base, 0), coef))
+        yd = _add_opt(ops, yd, ops.mul(_primal(ops, base), coef))
     if const is not None:
         yd = _add_opt(ops, yd, const)
     return y, yd, new
@@ -302,11 +325,11 @@ def conv_bn_from_data(ops, conv_node: Node, bn_node: Node, x, p_conv: dict, u_co
     m = ctx.m
     c, _, kh, kw = ops.shape(w)
     uw = u_conv["weight"]  # (m, C, Ci, kh, kw)
-    ub = ops.reshape(u_conv["bias"], [m, 1, c, 1, 1]) if u_conv.get("bias") is not None else None
+    ub = ops.reshape(u_conv["bias"], [1, m, c, 1, 1]) if u_conv.get("bias") is not None else None
     pc = mean_zd = None
     if ctx.bn_train:
         g, s_mean = _tap_moments(ops, x, base, conv_node, (kh, kw))  # (C, Ci, kh, kw), (Ci, kh, kw)
-        dot = lambda t: ops.reshape(ops.sum(ops.mul(uw, t), [2, 3, 4], keepdims=False), [m, 1, c, 1, 1])  # noqa: E731
+        dot = lambda t: ops.reshape(ops.sum(ops.mul(uw, t), [2, 3, 4], keepdims=False), [1, m, c, 1, 1])  # noqa: E731
         pc, mean_zd = dot(g), _add_opt(ops, dot(s_mean), ub)
     coef, const = _bn_tangent_coefficients(ops, c, a, r, mu, u_bn, ctx, pc, mean_zd)
     kernel = ops.mul(uw, ops.reshape(a, [1, c, 1, 1, 1]))
@@ -360,7 +383,8 @@ def layernorm(ops, node, xs, xds, p, u, s, ctx) -> RuleOut:
     xhd = None
     if ctx.dual and xd is not None:
         xdc = ops.sub(xd, ops.mean(xd, axes))
-        xhd = ops.mul(ops.sub(xdc, ops.mul(xh, ops.mean(ops.mul(xh, xdc), axes))), r)
+        xhp = _primal(ops, xh)
+        xhd = ops.mul(ops.sub(xdc, ops.mul(xhp, ops.mean(ops.mul(xhp, xdc), axes))), _primal(ops, r))
     gamma, beta = p.get("weight"), p.get("bias")
     shape = list(node.attrs["normalized_shape"])
     y = xh if gamma is None else ops.mul(xh, gamma)
@@ -370,17 +394,17 @@ def layernorm(ops, node, xs, xds, p, u, s, ctx) -> RuleOut:
         return y, None, {}
     yd = None if xhd is None else (xhd if gamma is None else ops.mul(xhd, gamma))
     if gamma is not None and u.get("weight") is not None:
-        uw = ops.reshape(u["weight"], [ctx.m, *([1] * (len(ops.shape(x)) - k)), *shape])
-        yd = _add_opt(ops, yd, ops.mul(ops.unsqueeze(xh, 0), uw))
+        uw = ops.reshape(u["weight"], [1, ctx.m, *([1] * (len(ops.shape(x)) - 1 - k)), *shape])
+        yd = _add_opt(ops, yd, ops.mul(_primal(ops, xh), uw))
     if beta is not None and u.get("bias") is not None:
-        yd = _add_opt(ops, yd, ops.reshape(u["bias"], [ctx.m, *([1] * (len(ops.shape(x)) - k)), *shape]))
+        yd = _add_opt(ops, yd, ops.reshape(u["bias"], [1, ctx.m, *([1] * (len(ops.shape(x)) - 1 - k)), *shape]))
     return y, yd, {}
 
 
 def _elementwise(y, xd, deriv_fn, ops, ctx):
     if not ctx.dual or xd is None:
         return y, None, {}
-    return y, ops.mul(xd, deriv_fn()), {}
+    return y, ops.mul(xd, _primal(ops, deriv_fn())), {}
 
 
 @rule("relu")
@@ -448,7 +472,7 @@ def maxpool2d(ops, node, xs, xds, p, u, s, ctx) -> RuleOut:
         rank = (kh * kw - np.arange(kh * kw, dtype=np.float32)).reshape(kh, kw)
         scored = ops.mul(ops.eq_mask(x, ops.upsample(y, kh, kw)), ops.const(np.tile(rank, (h // kh, w // kw))))
         first = ops.eq_mask(scored, ops.upsample(pool(scored), kh, kw))
-        picked = ops.mul(xd, ops.mul(first, ops.const(float(kh * kw))))
+        picked = ops.mul(xd, _primal(ops, ops.mul(first, ops.const(float(kh * kw)))))
         return y, split_m(ops, ops.avgpool(merge_m(ops, picked), [kh, kw], [kh, kw], [0, 0], False, True), ctx.m), {}
     ph, pw = a["padding"]
     pads = [ph, pw, ph + _ceil_extra(h, kh, stride[0], ph, dil[0], a["ceil_mode"]),
@@ -473,7 +497,7 @@ def _first_maximum(ops, x_off: list, y: Any, xd_off: list) -> Any:
             hit = ops.eq_mask(xi, y)
             sel = hit if rest is None else ops.mul(hit, rest)
             rest = ops.sub(ops.const(1.0), hit) if rest is None else ops.sub(rest, sel)
-        term = di if sel is None else ops.mul(di, sel)
+        term = di if sel is None else ops.mul(di, _primal(ops, sel))
         yd = term if yd is None else ops.add(yd, term)
     return yd
 
@@ -513,7 +537,7 @@ def flatten(ops, node, xs, xds, p, u, s, ctx) -> RuleOut:
     (x,), (xd,) = xs, xds
     flat = int(np.prod(ops.shape(x)[1:]))
     y = ops.reshape(x, [-1, flat])
-    yd = ops.reshape(xd, [ctx.m, -1, flat]) if (ctx.dual and xd is not None) else None
+    yd = ops.reshape(xd, [-1, ctx.m, flat]) if (ctx.dual and xd is not None) else None
     return y, yd, {}
 
 

@@ -221,10 +221,12 @@ def test_maxpool_tangent_takes_the_first_of_tied_maxima(pool):
     ref = torch.stack([torch.func.jvp(pool, (x,), (x_dot[j],))[1] for j in range(m)])
     node = trace(nn.Sequential(pool), shape)[0]
     ctx = RuleContext(m, True, False)
+    x_dot = x_dot.transpose(0, 1).contiguous()  # the rules' layout: (N, m, ...)
+    ref = ref.transpose(0, 1)
     _, yd, _ = rules.maxpool2d(TorchOps(torch.float64), node, [x], [x_dot], {}, {}, {}, ctx)
     torch.testing.assert_close(yd, ref, rtol=0, atol=0)
     ops = OnnxOps("maxpool")
-    y_o, yd_o = rules.maxpool2d(ops, node, [ops.input("x", (-1, *shape))], [ops.input("x_dot", (m, -1, *shape))],
+    y_o, yd_o = rules.maxpool2d(ops, node, [ops.input("x", (-1, *shape))], [ops.input("x_dot", (-1, m, *shape))],
                                 {}, {}, {}, ctx)[:2]
     ops.output("y", y_o)
     ops.output("y_dot", yd_o)
@@ -272,8 +274,9 @@ def test_mask_after_mask_is_one_pass_over_the_tangents():
     import onnx
 
     inferred = onnx.shape_inference.infer_shapes(onnx_model).graph.value_info
-    rank5 = {v.name for v in inferred if len(v.type.tensor_type.shape.dim) == 5}  # (m, N, C, H, W)
-    assert len([n for n in onnx_model.graph.node if n.op_type == "Mul" and n.output[0] in rank5]) == 1
+    dims = {v.name: v.type.tensor_type.shape.dim for v in inferred}
+    tangent_sized = {k for k, d in dims.items() if len(d) == 5 and d[1].dim_value == m}  # (N, m, C, H, W)
+    assert len([n for n in onnx_model.graph.node if n.op_type == "Mul" and n.output[0] in tangent_sized]) == 1
     rng = np.random.default_rng(0)
     x = rng.standard_normal((5, 3, 4, 4)).astype(np.float32)
     x_dot = rng.standard_normal((m, 5, 3, 4, 4)).astype(np.float32)
