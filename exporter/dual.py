@@ -17,7 +17,7 @@ def run_program(ops: Any, nodes: list[Node], input_name: str, x: Any, x_dot: Any
     tangents; a missing entry or ``x_dot=None`` means a zero tangent, whose work the rules skip. A conv fed by a zero tangent and read only
     by a BatchNorm runs as one folded pair (``conv_bn_from_data``) where that pays.
     """
-    env: dict[str, tuple[Any, Any]] = {input_name: (x, swap_major(ops, x_dot, ctx.m))}
+    env: dict[str, tuple[Any, Any]] = {input_name: (x, swap_major(ops, x_dot, ctx.m, to_samples=True))}
     new_stats: dict[str, Any] = {}
     bn_of = _bn_after_conv(nodes)
     done: set[str] = set()
@@ -37,7 +37,7 @@ def run_program(ops: Any, nodes: list[Node], input_name: str, x: Any, x_dot: Any
         env[node.name] = (y, yd)
         new_stats.update({node.buffers[role]: v for role, v in upd.items()})
     y, yd = env[nodes[-1].name]
-    return y, swap_major(ops, yd, ctx.m), new_stats
+    return y, swap_major(ops, yd, ctx.m, to_samples=False), new_stats
 
 
 def _bind(node: Node, params: dict[str, Any], tangents: dict[str, Any],

@@ -69,13 +69,14 @@ def _primal(ops: Any, v: Any) -> Any:
     return ops.unsqueeze(v, 1)
 
 
-def swap_major(ops: Any, t: Any, m: int) -> Any:
-    """(m, N, ...) <-> (N, m, ...): the contract's layout to the rules' and back (a reshape at m = 1)."""
+def swap_major(ops: Any, t: Any, m: int, to_samples: bool) -> Any:
+    """(m, N, ...) -> (N, m, ...) (``to_samples``) or back: the contract's layout to the rules' and
+    back; a reshape at m = 1."""
     if t is None:
         return None
     rest = list(ops.shape(t)[2:])
     if m == 1:
-        return ops.reshape(t, [1, -1, *rest] if ops.shape(t)[1] == 1 else [-1, 1, *rest])
+        return ops.reshape(t, [-1, 1, *rest] if to_samples else [1, -1, *rest])
     return ops.transpose(t, [1, 0, *range(2, len(rest) + 2)])
 
 
