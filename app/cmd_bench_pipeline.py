@@ -28,12 +28,17 @@ def register(app: typer.Typer) -> None:
                                       "models)."),
         repeats: int = typer.Option(5, help="Interleaved repeats per method (median reported)."),
         warmup: int = typer.Option(3, help="Untimed steps per method before timing."),
-        store_tangents: bool = typer.Option(False, help="Keep tangents in a ring instead of regenerating them."),
+        store_tangents: bool | None = typer.Option(
+            None, "--store-tangents/--no-store-tangents", show_default=False,
+            help="Keep the delayed modules' tangents instead of regenerating them. Default: as `train` does, "
+                 "keep them when all copies fit in 64 MiB."),
         backend: str = typer.Option("onnxruntime", help="onnxruntime (CPU threads) or torch-cuda (one CUDA "
                                     "stream per module; needs a GPU)."),
     ) -> None:
         batch_sizes = parse_ints(batches, "--batches", "8,64")
         from asyncfgd.app.benchmarks import TrainingLoop, interleaved
+        from asyncfgd.app.train import copies_fit
+        from asyncfgd.runtime.artifacts import load_artifacts
         from asyncfgd.exporter.export import export_model
         from asyncfgd.exporter.models import build_model, model_spec
 
@@ -51,7 +56,8 @@ def register(app: typer.Typer) -> None:
                         manifests[k] = export_model(model, dirs[k], (3, 32, 32), 10, modules=k,
                                                     model_spec=model_spec(model), balance_batch=b)
                     cuts = ", ".join(m["layers"][0] for m in manifests[modules]["modules"][1:])
-                    kw = {"store_tangents": store_tangents, "backend": backend}
+                    store = copies_fit(load_artifacts(dirs[modules])) if store_tangents is None else store_tangents
+                    kw = {"store_tangents": store, "backend": backend}
                     loops = {
                         "fgd-1t": TrainingLoop(dirs[1], "fgd", b, threads=1, **kw),
                         "fgd-2t": TrainingLoop(dirs[1], "fgd", b, threads=2, **kw),
@@ -66,14 +72,14 @@ def register(app: typer.Typer) -> None:
                     a = res["async"]
                     bound = b / max(a.busy_s)
                     rows.append((name, b, best, res[best], a, a.samples_per_s / res[best].samples_per_s,
-                                 a.samples_per_s / bound, cuts))
+                                 a.samples_per_s / bound, cuts, store))
                     _print_row(rows[-1])
         typer.echo("\nratio = AsyncFGD / best sync FGD; efficiency = AsyncFGD samples/s / (batch / slowest module busy time)")
 
 
 def _print_row(row: tuple) -> None:
-    name, b, best, fgd, a, ratio, eff, cuts = row
+    name, b, best, fgd, a, ratio, eff, cuts, store = row
     busy = "/".join(f"{1e3 * t:.1f}" for t in a.busy_s)
     typer.echo(f"{name:10s} batch {b:3d} | sync FGD ({best[4:]}) {fgd.samples_per_s:8.1f} ± {fgd.spread:5.1f} samples/s"
                f" | AsyncFGD {a.samples_per_s:8.1f} ± {a.spread:5.1f} | ratio {ratio:4.2f}x | efficiency {100 * eff:5.1f}%"
-               f" | cut before {cuts}, busy {busy} ms/step")
+               f" | cut before {cuts}, busy {busy} ms/step, tangents {'stored' if store else 'regenerated'}")

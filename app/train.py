@@ -155,7 +155,12 @@ def store_tangents(cfg: TrainConfig, arts: Artifacts) -> bool:
     storing costs (K − k) copies of module k's m tangents (the MLP's: 2 MB)."""
     if cfg.store_tangents is not None:
         return cfg.store_tangents
-    return cfg.method == "asyncfgd" and stored_tangent_bytes(arts) <= STORE_TANGENTS_BUDGET
+    return cfg.method == "asyncfgd" and copies_fit(arts)
+
+
+def copies_fit(arts: Artifacts) -> bool:
+    """Whether AsyncFGD's tangent copies fit in STORE_TANGENTS_BUDGET (the default of storing them)."""
+    return stored_tangent_bytes(arts) <= STORE_TANGENTS_BUDGET
 
 
 def stored_tangent_bytes(arts: Artifacts) -> int:

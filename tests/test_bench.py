@@ -201,6 +201,7 @@ def test_bench_pipeline_and_tangents_cli_print_ratios():
     assert res.exit_code == 0, res.output
     row = next(line for line in res.output.splitlines() if line.startswith("mlp"))
     assert "ratio" in row and "efficiency" in row and "cut before layers." in row
+    assert row.endswith("tangents stored")  # as train does: the MLP's copies fit the budget
     res = CliRunner().invoke(app, ["bench-tangents", "--tangents", "1,2", "--steps", "1", "--seconds", "0",
                                    "--repeats", "1"])
     assert res.exit_code == 0, res.output
