@@ -17,6 +17,10 @@ float32 rounding, not bit for bit.
 
 Each pipeline module owns one optimizer over its own tensors and updates independently, so
 ``clip_norm`` clips by the global L2 norm of *that module's* gradient, not the whole model's.
+
+Where the weights and the gradient each sit in one contiguous buffer (the ONNX Runtime backend,
+``buffers.flat_views``), the state is allocated the same way and a step runs once over the whole
+module instead of once per tensor: the same element-wise operations, far fewer Python calls.
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ import math
 from typing import Any, Iterator
 
 import numpy as np
+
+from .buffers import contiguous_span, flat_views
 
 Array = Any  # numpy.ndarray or torch.Tensor
 
@@ -58,26 +64,50 @@ class Optimizer:
         self.clip_norm = clip_norm
         self.steps = 0
         largest = max(params.values(), key=lambda p: math.prod(p.shape), default=None)
-        self._buf = None if largest is None else xp.zeros_like(_flat(largest)[:CHUNK])
+        self._flat = contiguous_span(list(params.values()))  # all weights in one buffer (numpy)
+        self._buf = None if largest is None else xp.zeros_like(
+            (_flat(largest) if self._flat is None else self._flat)[:CHUNK])
         self._state: dict[str, dict[str, Array]] = {}  # state name -> tensor name -> buffer
+        self._per_tensor: list[str] = []  # states shaped like the weights, in group order
         self.normalize = normalize
         if normalize is not None and largest is not None:
             self._state["noise"] = {"mean_square": xp.zeros_like(_flat(largest)[:1])}
+
+    def _weight_state(self, name: str) -> None:
+        """Add a zeroed state shaped like the weights (one buffer where the weights are one)."""
+        if self._flat is not None:
+            self._state[name] = dict(zip(self.params, flat_views([p.shape for p in self.params.values()])))
+        else:
+            self._state[name] = {k: self.xp.zeros_like(p) for k, p in self.params.items()}
+        self._per_tensor.append(name)
+
+    def _groups(self, grads: dict[str, Array]) -> list[tuple[Array, ...]]:
+        """(weight, gradient, *weight-shaped states) to update together: the whole module as one
+        group when every one of them is a single buffer, else one group per tensor."""
+        if self._flat is not None and list(grads) == list(self.params):
+            spans = [contiguous_span(list(grads.values()))]
+            spans += [contiguous_span(list(self._state[n].values())) for n in self._per_tensor]
+            if all(sp is not None for sp in spans):
+                return [(self._flat, *spans)]
+        return [(self.params[k], g, *(self._state[n][k] for n in self._per_tensor)) for k, g in grads.items()]
 
     def step(self, grads: dict[str, Array], lr: float | None = None) -> None:
         """Apply one update in place; ``grads`` is used as scratch; ``lr`` overrides ``self.lr``."""
         if grads.keys() != self.params.keys():
             raise ValueError(f"gradient names {sorted(grads)} do not match parameters {sorted(self.params)}")
         self.steps += 1
+        groups = self._groups(grads)
+        # norms are summed tensor by tensor (a float32 sum's rounding depends on its extent); the
+        # scaling then runs over the groups
         if self.normalize is not None and self.params:
-            self._normalize(grads)
+            self._normalize(list(grads.values()), [g for _, g, *_ in groups])
         if self.clip_norm is not None:
-            self._clip(grads)
+            self._clip(list(grads.values()), [g for _, g, *_ in groups])
         if self.weight_decay:
-            for k, grad in grads.items():
-                for p, g, s in self._chunks(self.params[k], grad):
-                    g += self.xp.multiply(p, self.weight_decay, out=s)
-        self._update(grads, self.lr if lr is None else lr)
+            for p, grad, *_ in groups:
+                for pc, g, s in self._chunks(p, grad):
+                    g += self.xp.multiply(pc, self.weight_decay, out=s)
+        self._update(groups, self.lr if lr is None else lr)
 
     def _chunks(self, *arrays: Array) -> Iterator[tuple[Array, ...]]:
         """Aligned flat slices (≤ CHUNK elements) of same-sized tensors, plus the scratch slice."""
@@ -87,17 +117,17 @@ class Optimizer:
             j = min(i + CHUNK, n)
             yield (*(f[i:j] for f in flats), self._buf[: j - i])
 
-    def _update(self, grads: dict[str, Array], lr: float) -> None:
+    def _update(self, groups: list[tuple[Array, ...]], lr: float) -> None:
         raise NotImplementedError
 
-    def _sum_squares(self, grads: dict[str, Array]) -> float:
+    def _sum_squares(self, grads: list[Array]) -> float:
         sq = 0.0
-        for grad in grads.values():
+        for grad in grads:
             for g, s in self._chunks(grad):
                 sq += float(self.xp.sum(self.xp.multiply(g, g, out=s)))
         return sq
 
-    def _normalize(self, grads: dict[str, Array]) -> None:
+    def _normalize(self, grads: list[Array], groups: list[Array]) -> None:
         """Divide g by the running RMS of this module's estimates (bias-corrected EMA of mean(g²)).
 
         A forward-gradient estimate is mostly noise (E‖g‖² ≈ D·‖∇L‖² for D perturbed weights), so
@@ -105,18 +135,18 @@ class Optimizer:
         module's width or α. Cost: one extra pass over g per step. Adam already normalises per element.
         """
         ms = self._state["noise"]["mean_square"]
-        size = sum(math.prod(g.shape) for g in grads.values())
+        size = sum(math.prod(g.shape) for g in grads)
         ms *= self.normalize
         ms += (1.0 - self.normalize) * self._sum_squares(grads) / size
         rms = math.sqrt(float(ms[0]) / (1.0 - self.normalize ** self.steps))
-        for g in grads.values():
+        for g in groups:
             g *= 1.0 / (rms + 1e-12)
 
-    def _clip(self, grads: dict[str, Array]) -> None:
+    def _clip(self, grads: list[Array], groups: list[Array]) -> None:
         """Scale grads by min(1, clip_norm / (norm + 1e-6)) like torch.nn.utils.clip_grad_norm_."""
         coef = self.clip_norm / (self._sum_squares(grads) ** 0.5 + 1e-6)
         if coef < 1.0:
-            for g in grads.values():
+            for g in groups:
                 g *= coef
 
     def state_dict(self) -> dict[str, np.ndarray | float | int]:
@@ -151,20 +181,20 @@ class SGD(Optimizer):
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.momentum = momentum
         if momentum:
-            self._state["momentum"] = {k: xp.zeros_like(p) for k, p in params.items()}
+            self._weight_state("momentum")
 
-    def _update(self, grads: dict[str, Array], lr: float) -> None:
-        for k, g in grads.items():
-            if self.momentum:
-                buf = self._state["momentum"][k]
+    def _update(self, groups: list[tuple[Array, ...]], lr: float) -> None:
+        for p, g, *momentum in groups:
+            if momentum:
+                buf = momentum[0]
                 if self.steps == 1:
                     buf[...] = g
                 else:
                     buf *= self.momentum
                     buf += g
                 g = buf
-            for p, gc, s in self._chunks(self.params[k], g):
-                p -= self.xp.multiply(gc, lr, out=s)
+            for pc, gc, s in self._chunks(p, g):
+                pc -= self.xp.multiply(gc, lr, out=s)
 
 
 class Adam(Optimizer):
@@ -180,17 +210,16 @@ class Adam(Optimizer):
             raise ValueError(f"eps must be > 0, got {eps}")
         self.betas = (float(betas[0]), float(betas[1]))
         self.eps = eps
-        self._state["exp_avg"] = {k: xp.zeros_like(p) for k, p in params.items()}
-        self._state["exp_avg_sq"] = {k: xp.zeros_like(p) for k, p in params.items()}
+        self._weight_state("exp_avg")
+        self._weight_state("exp_avg_sq")
 
-    def _update(self, grads: dict[str, Array], lr: float) -> None:
+    def _update(self, groups: list[tuple[Array, ...]], lr: float) -> None:
         xp = self.xp
         beta1, beta2 = self.betas
         step_size = lr / (1 - beta1**self.steps)
         bias_correction2_sqrt = (1 - beta2**self.steps) ** 0.5
-        for k, grad in grads.items():
-            for p, g, m, v, s in self._chunks(self.params[k], grad, self._state["exp_avg"][k],
-                                              self._state["exp_avg_sq"][k]):
+        for group in groups:
+            for p, g, m, v, s in self._chunks(*group):
                 # m.lerp_(g, 1 - beta1): m + (1 - beta1) * (g - m)
                 m += xp.multiply(xp.subtract(g, m, out=s), 1 - beta1, out=s)
                 # v.mul_(beta2).addcmul_(g, g, value=1 - beta2)

@@ -6,6 +6,9 @@ are what the next run reads. Outputs go to preallocated arrays, two per (role, b
 the pipeline hands a module's output to its neighbour, which reads it during the next tick
 while this module writes the other buffer.
 
+A module's weights, its tangents and its re-created tangents each live in one contiguous buffer
+(``buffers.flat_views``), so the draw and the update are one numpy call per module, not per tensor.
+
 Memory (measured on ResNet-18, batch 64, docs/performance.md):
 - sessions are created on a role's first run, so a training run never builds eval sessions and
   their thread pools, and evaluation-only use builds no dual ones;
@@ -31,6 +34,7 @@ import onnxruntime as ort
 
 from .artifacts import Artifacts
 from .backend import RunResult
+from .buffers import flat_views
 
 ORT_THREADS_DEFAULT = 0  # 0 = ONNX Runtime's own choice (all physical cores)
 
@@ -54,8 +58,11 @@ class OrtModuleRunner:
         self.index, self.is_last, self.info = index, info.is_last, info
         self.num_classes = artifacts.num_classes
         m = tangents
-        self.params = {n: artifacts.weights[n].copy() for n in info.param_names}
-        self.tangents = {p["name"]: np.zeros((m, *p["shape"]), np.float32) for p in info.params}
+        self.params = dict(zip(info.param_names, flat_views([artifacts.weights[n].shape for n in info.param_names])))
+        for n, w in self.params.items():
+            w[...] = artifacts.weights[n]
+        self._tangent_shapes = {p["name"]: (m, *p["shape"]) for p in info.params}
+        self.tangents = dict(zip(self._tangent_shapes, flat_views(list(self._tangent_shapes.values()))))
         self._scratch: dict[str, np.ndarray] | None = None
         self.grads = {n: u[0] for n, u in (self.tangents if self.is_last else self.scratch).items()}
         self.buffers = {n: artifacts.weights[n].copy() for n in info.buffer_names}
@@ -69,7 +76,7 @@ class OrtModuleRunner:
     @property
     def scratch(self) -> dict[str, np.ndarray]:
         if self._scratch is None:
-            self._scratch = {n: np.zeros_like(u) for n, u in self.tangents.items()}
+            self._scratch = dict(zip(self._tangent_shapes, flat_views(list(self._tangent_shapes.values()))))
         return self._scratch
 
     def _session(self, role: str) -> ort.InferenceSession:

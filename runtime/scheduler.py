@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .backend import ModuleRunner, RunResult
+from .buffers import contiguous_span
 from .perturb import fill_tangents
 
 
@@ -115,9 +116,13 @@ class _Base:
         xp = r.xp
         tangents = self._tangents_for(k, step)
         m = len(d)
+        pairs = [(tangents[name], g) for name, g in r.grads.items()]
+        if m == 1:  # one tangent per weight: module-wide buffers combine in one call
+            u_all, g_all = contiguous_span([u for u, _ in pairs]), contiguous_span([g for _, g in pairs])
+            if u_all is not None and g_all is not None:
+                pairs = [(u_all[None], g_all)]
         with r.device_context():
-            for name, g in r.grads.items():
-                u = tangents[name]
+            for u, g in pairs:
                 xp.multiply(u[0], float(d[0]) / m, out=g)
                 for j in range(1, m):
                     g += u[j] * (float(d[j]) / m)

@@ -244,3 +244,45 @@ def test_normalize_makes_sgd_steps_independent_of_the_noise_scale():
 def test_normalize_rejects_bad_decay():
     with pytest.raises(ValueError, match="normalize"):
         make_optimizer("adam", {"a": np.zeros(2, np.float32)}, np, lr=0.1, normalize=1.0)
+
+
+def _flat_copy(host_arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    from asyncfgd.runtime.buffers import flat_views
+
+    views = dict(zip(host_arrays, flat_views([a.shape for a in host_arrays.values()])))
+    for k, v in views.items():
+        v[...] = host_arrays[k]
+    return views
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("extra", [{}, {"clip_norm": 0.5}, {"normalize": 0.9}])
+def test_module_wide_buffers_update_in_one_group_with_the_same_results(name, extra):
+    """Weights and gradients in one buffer each (as the ONNX Runtime backend keeps them): one group
+    over the whole module, bit-identical to the per-tensor updates of separate arrays."""
+    kw = {k: v for k, v in CASES[name][0].items() if k in ("lr", "weight_decay")} | extra
+    sep, flat = on(np, INIT), _flat_copy(INIT)
+    opt_sep, opt_flat = make_optimizer(name, sep, np, **kw), make_optimizer(name, flat, np, **kw)
+    for g in GRADS:
+        g_flat = _flat_copy(g)
+        assert len(opt_flat._groups(g_flat)) == 1 and len(opt_sep._groups(on(np, g))) == len(SHAPES)
+        opt_sep.step(on(np, g))
+        opt_flat.step(g_flat)
+    for k in SHAPES:
+        assert np.array_equal(sep[k], flat[k])
+    assert opt_flat.state_dict().keys() == opt_sep.state_dict().keys()
+    # gradients that are not one buffer (e.g. the first of m tangents per weight) go tensor by tensor
+    assert len(opt_flat._groups(on(np, GRADS[0]))) == len(SHAPES)
+
+
+def test_contiguous_span_only_covers_consecutive_views_in_order():
+    from asyncfgd.runtime.buffers import contiguous_span, flat_views
+
+    a, b, c = flat_views([(2, 3), (4,), (5, 1)])
+    span = contiguous_span([a, b, c])
+    assert span is not None and span.shape == (15,) and np.shares_memory(span, a)
+    assert contiguous_span([a, b]).shape == (10,) and contiguous_span([b, c]).shape == (9,)
+    assert contiguous_span([a, c]) is None  # a gap
+    assert contiguous_span([b, a]) is None  # out of order
+    assert contiguous_span([a, np.zeros(4, np.float32)]) is None  # another buffer
+    assert contiguous_span([torch.zeros(3)]) is None and contiguous_span([]) is None
