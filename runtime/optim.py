@@ -64,9 +64,9 @@ class Optimizer:
         self.clip_norm = clip_norm
         self.steps = 0
         largest = max(params.values(), key=lambda p: math.prod(p.shape), default=None)
-        self._flat = contiguous_span(list(params.values()))  # all weights in one buffer (numpy)
+        self._span = contiguous_span(list(params.values()))  # all weights in one buffer (numpy)
         self._buf = None if largest is None else xp.zeros_like(
-            (_flat(largest) if self._flat is None else self._flat)[:CHUNK])
+            (_flat(largest) if self._span is None else self._span)[:CHUNK])
         self._state: dict[str, dict[str, Array]] = {}  # state name -> tensor name -> buffer
         self._per_tensor: list[str] = []  # states shaped like the weights, in group order
         self.normalize = normalize
@@ -75,7 +75,7 @@ class Optimizer:
 
     def _weight_state(self, name: str) -> None:
         """Add a zeroed state shaped like the weights (one buffer where the weights are one)."""
-        if self._flat is not None:
+        if self._span is not None:
             self._state[name] = dict(zip(self.params, flat_views([p.shape for p in self.params.values()])))
         else:
             self._state[name] = {k: self.xp.zeros_like(p) for k, p in self.params.items()}
@@ -84,11 +84,11 @@ class Optimizer:
     def _groups(self, grads: dict[str, Array]) -> list[tuple[Array, ...]]:
         """(weight, gradient, *weight-shaped states) to update together: the whole module as one
         group when every one of them is a single buffer, else one group per tensor."""
-        if self._flat is not None and list(grads) == list(self.params):
+        if self._span is not None and list(grads) == list(self.params):
             spans = [contiguous_span(list(grads.values()))]
             spans += [contiguous_span(list(self._state[n].values())) for n in self._per_tensor]
             if all(sp is not None for sp in spans):
-                return [(self._flat, *spans)]
+                return [(self._span, *spans)]
         return [(self.params[k], g, *(self._state[n][k] for n in self._per_tensor)) for k, g in grads.items()]
 
     def step(self, grads: dict[str, Array], lr: float | None = None) -> None:
