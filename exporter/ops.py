@@ -362,21 +362,21 @@ class OnnxOps:
     def conv(self, x: OnnxValue, w: OnnxValue, b: OnnxValue | None, stride: Sequence[int],
              padding: Sequence[int], dilation: Sequence[int], groups: int) -> OnnxValue:
         ins = [x.name, w.name] + ([b.name] if b is not None else [])
-        h, wd = (_pool_out(x.shape[2 + i], w.shape[2 + i], stride[i], padding[i], dilation[i], False) for i in range(2))
+        h, wd = (window_out(x.shape[2 + i], w.shape[2 + i], stride[i], padding[i], dilation[i], False) for i in range(2))
         return self._node("Conv", ins, (x.shape[0], w.shape[0], h, wd), kernel_shape=list(w.shape[2:]),
                           strides=list(stride), pads=[padding[0], padding[1], padding[0], padding[1]],
                           dilations=list(dilation), group=groups)
 
     def maxpool(self, x: OnnxValue, kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
                 dilation: Sequence[int], ceil_mode: bool) -> OnnxValue:
-        h, wd = (_pool_out(x.shape[2 + i], kernel[i], stride[i], padding[i], dilation[i], ceil_mode) for i in range(2))
+        h, wd = (window_out(x.shape[2 + i], kernel[i], stride[i], padding[i], dilation[i], ceil_mode) for i in range(2))
         return self._node("MaxPool", [x.name], (*x.shape[:2], h, wd), kernel_shape=list(kernel), strides=list(stride),
                           pads=[padding[0], padding[1], padding[0], padding[1]], dilations=list(dilation),
                           ceil_mode=int(ceil_mode))
 
     def avgpool(self, x: OnnxValue, kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
                 ceil_mode: bool, count_include_pad: bool) -> OnnxValue:
-        h, wd = (_pool_out(x.shape[2 + i], kernel[i], stride[i], padding[i], 1, ceil_mode) for i in range(2))
+        h, wd = (window_out(x.shape[2 + i], kernel[i], stride[i], padding[i], 1, ceil_mode) for i in range(2))
         return self._node("AveragePool", [x.name], (*x.shape[:2], h, wd), kernel_shape=list(kernel),
                           strides=list(stride), pads=[padding[0], padding[1], padding[0], padding[1]],
                           ceil_mode=int(ceil_mode), count_include_pad=int(count_include_pad))
@@ -443,7 +443,8 @@ def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(y if x == 1 else x for x, y in zip(a, b))
 
 
-def _pool_out(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
+def window_out(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
+    """Output length of a sliding window (conv or pool) over ``size`` (-1: the dynamic batch)."""
     if size == -1:
         return -1
     span = size + 2 * p - d * (k - 1) - 1

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .ops import window_out
 from .program import Node
 
 
@@ -179,7 +180,7 @@ def pays_to_densify(ctx: RuleContext, x_shape: tuple[int, ...], w_shape: tuple[i
 
 
 def _conv_out_hw(hw: tuple[int, int], kernel: tuple[int, int], attrs: dict) -> tuple[int, int]:
-    return tuple((hw[i] + 2 * attrs["padding"][i] - attrs["dilation"][i] * (kernel[i] - 1) - 1) // attrs["stride"][i] + 1
+    return tuple(window_out(hw[i], kernel[i], attrs["stride"][i], attrs["padding"][i], attrs["dilation"][i], False)
                  for i in range(2))
 
 
