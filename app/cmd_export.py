@@ -82,7 +82,9 @@ def register(app: typer.Typer) -> None:
         balance_batch: int = typer.Option(64, "--balance-batch", help="Training batch size --modules balances "
                                           "for: a module's step is batch x dual FLOPs plus per-weight work "
                                           "(tangent draws, update) that does not shrink with the batch, so "
-                                          "small batches move cuts towards weight-heavy layers."),
+                                          "small batches move cuts towards weight-heavy layers. Layers with "
+                                          "two exact graph forms also pick the faster one for this batch "
+                                          "(manifest tuned_batch, docs/artifacts.md); any batch still runs."),
         split: Optional[str] = typer.Option(None, "--split", help="Comma-separated layer or block names, each "
                                             "starting a new module (e.g. layer2,layer4). Exclusive with --modules."),
         weights: Optional[Path] = typer.Option(None, "--weights", help="Local torchvision-format state_dict (.pth) "
