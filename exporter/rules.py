@@ -148,8 +148,10 @@ def conv2d(ops, node, xs, xds, p, u, s, ctx) -> RuleOut:
         yd = _param_tangent_product(ops, x, uw, ctx.m, conv, groups=g)
         if xd is not None:
             xd = merge_m(ops, xd)
-            wxd = dense_conv(ops, xd, w, a) if pays_to_densify(ctx, ops.shape(x), ops.shape(w), a) else conv(xd, w)
-            yd = ops.add(yd, split_m(ops, wxd, ctx.m))
+            if pays_to_densify(ctx, ops.shape(x), ops.shape(w), a):
+                yd = split_m(ops, dense_conv(ops, xd, w, a, acc=merge_m(ops, yd)), ctx.m)
+            else:
+                yd = ops.add(yd, split_m(ops, conv(xd, w), ctx.m))
     if ub is not None:
         yd = ops.add(yd, ops.reshape(ub, [1, ctx.m, ops.shape(ub)[1], 1, 1]))
     return y, yd, {}
@@ -200,18 +202,20 @@ def _placement(hw: tuple[int, int], kernel: tuple[int, int], attrs: dict) -> np.
     return p
 
 
-def dense_conv(ops, x, w, attrs: dict) -> Any:
-    """conv(x, W) for an ungrouped conv as ONE GEMM against W's dense (Toeplitz) matrix
-    D[(co, o), (ci, i)] = Σ_t W[co, ci, t]·P[t, o, i]: a small MatMul and one transpose build D,
-    and x (B, Ci, H, W) is already the (B, Ci·H·W) operand, so the result needs no layout change.
-    Worth it only on tiny maps with many samples (``pays_to_densify``)."""
+def dense_conv(ops, x, w, attrs: dict, acc: Any = None) -> Any:
+    """conv(x, W) (+ ``acc``, shaped like the result) for an ungrouped conv as ONE GEMM against W's
+    dense (Toeplitz) matrix D[(co, o), (ci, i)] = Σ_t W[co, ci, t]·P[t, o, i]: a small MatMul and
+    one transpose build D, and x (B, Ci, H, W) is already the (B, Ci·H·W) operand, so the result
+    needs no layout change; ``acc`` enters as the GEMM's C (no separate pass to add it). Worth it
+    only on tiny maps with many samples (``pays_to_densify``)."""
     _, ci, h, wd = ops.shape(x)
     co, _, kh, kw = ops.shape(w)
     ho, wo = _conv_out_hw((h, wd), (kh, kw), attrs)
     place = ops.const(_placement((h, wd), (kh, kw), attrs).reshape(kh * kw, -1))
     d = ops.matmul(ops.reshape(w, [co * ci, kh * kw]), place)  # (Co·Ci, Ho·Wo·H·W)
     d = ops.transpose(ops.reshape(d, [co, ci, ho * wo, h * wd]), [0, 2, 1, 3])
-    y = ops.gemm(ops.reshape(x, [-1, ci * h * wd]), ops.reshape(d, [co * ho * wo, ci * h * wd]), None)
+    c = None if acc is None else ops.reshape(acc, [-1, co * ho * wo])
+    y = ops.gemm(ops.reshape(x, [-1, ci * h * wd]), ops.reshape(d, [co * ho * wo, ci * h * wd]), c)
     return ops.reshape(y, [-1, co, ho, wo])
 
 

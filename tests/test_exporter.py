@@ -320,7 +320,7 @@ def test_conv_rule_goes_dense_only_where_it_pays(monkeypatch, batch, dense):
     """A conv on 4×4 maps with m = 3 tangents: the W·ẋ product runs dense for a tuned batch of 128
     (384 tangent-samples), as ORT's conv for 64 (192); either way ẏ is torch.func.jvp's."""
     used = []
-    monkeypatch.setattr(rules, "dense_conv", lambda *a: used.append(1) or DENSE_CONV(*a))
+    monkeypatch.setattr(rules, "dense_conv", lambda *a, **kw: used.append(1) or DENSE_CONV(*a, **kw))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1)).double()
     nodes = trace(model, (4, 4, 4))
