@@ -81,5 +81,6 @@ def _print_row(row: tuple) -> None:
     name, b, best, fgd, a, ratio, eff, cuts, store = row
     busy = "/".join(f"{1e3 * t:.1f}" for t in a.busy_s)
     typer.echo(f"{name:10s} batch {b:3d} | sync FGD ({best[4:]}) {fgd.samples_per_s:8.1f} ± {fgd.spread:5.1f} samples/s"
-               f" | AsyncFGD {a.samples_per_s:8.1f} ± {a.spread:5.1f} | ratio {ratio:4.2f}x | efficiency {100 * eff:5.1f}%"
+               f" | AsyncFGD {a.samples_per_s:8.1f} ± {a.spread:5.1f} | ratio {ratio:4.2f}x"
+               f" | efficiency {100 * eff:5.1f}%"
                f" | cut before {cuts}, busy {busy} ms/step, tangents {'stored' if store else 'regenerated'}")

@@ -14,8 +14,9 @@ def run_program(ops: Any, nodes: list[Node], input_name: str, x: Any, x_dot: Any
 
     ``x_dot`` and ẏ are (m, N, ...), the artifact contract's layout; the rules work on (N, m, ...)
     (rules.py), one transpose each way when m > 1. ``tangents`` maps weight names to (m, *shape)
-    tangents; a missing entry or ``x_dot=None`` means a zero tangent, whose work the rules skip. A conv fed by a zero tangent and read only
-    by a BatchNorm runs as one folded pair (``conv_bn_from_data``) where that pays.
+    tangents; a missing entry or ``x_dot=None`` means a zero tangent, whose work the rules skip.
+    A conv fed by a zero tangent and read only by a BatchNorm runs as one folded pair
+    (``conv_bn_from_data``) where that pays.
     """
     env: dict[str, tuple[Any, Any]] = {input_name: (x, swap_major(ops, x_dot, ctx.m, to_samples=True))}
     new_stats: dict[str, Any] = {}

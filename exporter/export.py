@@ -69,7 +69,8 @@ def export_model(model: Any, out_dir: str | Path, input_shape: tuple[int, int, i
         for role in module_roles(mod):
             if progress:
                 progress(f"module {mod.index} {role}")
-            model_proto = build_onnx(mod, GraphSpec(role, tangents, bn_mode, balance_batch), is_last, in_shape, num_classes, shapes)
+            spec = GraphSpec(role, tangents, bn_mode, balance_batch)
+            model_proto = build_onnx(mod, spec, is_last, in_shape, num_classes, shapes)
             fname = f"module{mod.index}.{role}.onnx"
             data = model_proto.SerializeToString()
             (out / fname).write_bytes(data)

@@ -362,7 +362,8 @@ class OnnxOps:
     def conv(self, x: OnnxValue, w: OnnxValue, b: OnnxValue | None, stride: Sequence[int],
              padding: Sequence[int], dilation: Sequence[int], groups: int) -> OnnxValue:
         ins = [x.name, w.name] + ([b.name] if b is not None else [])
-        h, wd = (window_out(x.shape[2 + i], w.shape[2 + i], stride[i], padding[i], dilation[i], False) for i in range(2))
+        h, wd = (window_out(x.shape[2 + i], w.shape[2 + i], stride[i], padding[i], dilation[i], False)
+                 for i in range(2))
         return self._node("Conv", ins, (x.shape[0], w.shape[0], h, wd), kernel_shape=list(w.shape[2:]),
                           strides=list(stride), pads=[padding[0], padding[1], padding[0], padding[1]],
                           dilations=list(dilation), group=groups)
@@ -413,7 +414,8 @@ class OnnxOps:
 
     def eq_mask(self, a: OnnxValue, b: OnnxValue) -> OnnxValue:
         shape = _broadcast(a.shape, b.shape)
-        return self._mask(self._node("Cast", [self._node("Equal", [a.name, b.name], shape).name], shape, to=TensorProto.FLOAT))
+        equal = self._node("Equal", [a.name, b.name], shape)
+        return self._mask(self._node("Cast", [equal.name], shape, to=TensorProto.FLOAT))
 
     def upsample(self, x: OnnxValue, kh: int, kw: int) -> OnnxValue:
         scales = self.const(np.array([1.0] * (len(x.shape) - 2) + [kh, kw], dtype=np.float32))

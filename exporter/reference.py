@@ -106,8 +106,8 @@ def run_reference(model: torch.nn.Module, specs: Sequence[ModuleSpec], batches: 
             onehot = F.one_hot(y_int, num_classes).float()
             xd = torch.stack(xds) if upstream else None
             with torch.no_grad():
-                o = run_module(TorchOps(), specs[k], GraphSpec(role, m, bn_mode, tuned_batch), last, x, xd, params[k],
-                               u or {}, stats[k], onehot)
+                o = run_module(TorchOps(), specs[k], GraphSpec(role, m, bn_mode, tuned_batch), last, x, xd,
+                               params[k], u or {}, stats[k], onehot)
             for name, v in o.items():
                 if name.startswith("s_new."):
                     stats[k][name[6:]].copy_(v)

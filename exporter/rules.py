@@ -30,7 +30,7 @@ from .program import Node
 
 @dataclass(frozen=True)
 class RuleContext:
-    m: int  # tangents riding in one pass (leading dim of every tangent)
+    m: int  # tangents riding in one pass (axis 1 of value tangents, axis 0 of weight tangents)
     dual: bool  # compute tangents at all
     bn_train: bool  # BatchNorm uses batch statistics and returns updated running statistics
     batch: int = 64  # the mini-batch size the graph's cost-based choices are tuned for (any size runs)
@@ -325,7 +325,8 @@ def conv_bn_from_data(ops, conv_node: Node, bn_node: Node, x, p_conv: dict, u_co
     """
     a_ = conv_node.attrs
     w, b = p_conv["weight"], p_conv.get("bias")
-    conv = lambda inp, k, bias=None: ops.conv(inp, k, bias, a_["stride"], a_["padding"], a_["dilation"], 1)  # noqa: E731
+    conv = lambda inp, k, bias=None: ops.conv(inp, k, bias, a_["stride"], a_["padding"],  # noqa: E731
+                                              a_["dilation"], 1)
     z = conv(x, w, b)
     y, new, base, a, r, mu = _bn_primal(ops, bn_node, z, p_bn, s_bn, ctx)
     m = ctx.m
@@ -512,10 +513,7 @@ def _ceil_extra(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> i
     """Extra bottom/right padding so explicit windows cover what ceil_mode pooling covers."""
     if not ceil_mode:
         return 0
-    span = size + 2 * p - d * (k - 1) - 1
-    out = -(-span // s) + 1
-    if (out - 1) * s >= size + p:
-        out -= 1
+    out = window_out(size, k, s, p, d, ceil_mode)
     return max(0, (out - 1) * s + d * (k - 1) + 1 - (size + 2 * p))
 
 

@@ -69,6 +69,7 @@ class Optimizer:
             (_flat(largest) if self._span is None else self._span)[:CHUNK])
         self._state: dict[str, dict[str, Array]] = {}  # state name -> tensor name -> buffer
         self._per_tensor: list[str] = []  # states shaped like the weights, in group order
+        self._state_spans: list[Array] = []  # each such state as one buffer, where the weights are one
         self.normalize = normalize
         if normalize is not None and largest is not None:
             self._state["noise"] = {"mean_square": xp.zeros_like(_flat(largest)[:1])}
@@ -76,7 +77,9 @@ class Optimizer:
     def _weight_state(self, name: str) -> None:
         """Add a zeroed state shaped like the weights (one buffer where the weights are one)."""
         if self._span is not None:
-            self._state[name] = dict(zip(self.params, flat_views([p.shape for p in self.params.values()])))
+            views = flat_views([p.shape for p in self.params.values()])
+            self._state[name] = dict(zip(self.params, views))
+            self._state_spans.append(contiguous_span(views))
         else:
             self._state[name] = {k: self.xp.zeros_like(p) for k, p in self.params.items()}
         self._per_tensor.append(name)
@@ -85,10 +88,9 @@ class Optimizer:
         """(weight, gradient, *weight-shaped states) to update together: the whole module as one
         group when every one of them is a single buffer, else one group per tensor."""
         if self._span is not None and list(grads) == list(self.params):
-            spans = [contiguous_span(list(grads.values()))]
-            spans += [contiguous_span(list(self._state[n].values())) for n in self._per_tensor]
-            if all(sp is not None for sp in spans):
-                return [(self._span, *spans)]
+            grad = contiguous_span(list(grads.values()))
+            if grad is not None:
+                return [(self._span, grad, *self._state_spans)]
         return [(self.params[k], g, *(self._state[n][k] for n in self._per_tensor)) for k, g in grads.items()]
 
     def step(self, grads: dict[str, Array], lr: float | None = None) -> None:

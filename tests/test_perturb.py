@@ -59,7 +59,8 @@ def test_concurrent_fills_match_sequential():
     """Each thread re-keys its own generator: modules filling at once do not disturb each other."""
     from concurrent.futures import ThreadPoolExecutor
 
-    jobs = [dict(seed=s, step=t, module=k, shapes=[(2, 5000), (2, 301)]) for s in (1, 2) for t in range(4) for k in range(2)]
+    jobs = [dict(seed=s, step=t, module=k, shapes=[(2, 5000), (2, 301)])
+            for s in (1, 2) for t in range(4) for k in range(2)]
     expected = [filled(**j) for j in jobs]
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda j: filled(**j), jobs * 3))

@@ -69,8 +69,9 @@ def _run_runtime(art_dir: str, method: str, opt: str, backend: str, batches, alp
 
 def _reference(model, art_dir, method, opt, bn, batches, **kw):
     art = load_artifacts(art_dir)
-    return run_reference(model, module_specs(art.manifest), batches, method=method, seed=3, alpha=kw.pop("alpha", _alpha),
-                         lr=lambda s: LR, optimizer=opt, bn_mode=bn, tuned_batch=art.tuned_batch, **kw)
+    return run_reference(model, module_specs(art.manifest), batches, method=method, seed=3,
+                         alpha=kw.pop("alpha", _alpha), lr=lambda s: LR, optimizer=opt, bn_mode=bn,
+                         tuned_batch=art.tuned_batch, **kw)
 
 
 CASES = [(name, bn, K, opt, method)
