@@ -7,20 +7,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from .graphs import GraphSpec, build_onnx, module_roles, stat_names, weight_names
-from .local_heads import aux_head, init_aux_weights
-from .ops import OPSET
-from .program import trace
-from .split import ModuleSpec, StepCost, split_program
+from asyncfgd.runtime import contract as c
+from asyncfgd.runtime.dual.interpreter import GraphSpec, module_roles
+from asyncfgd.runtime.dual.program import ModuleSpec, stat_names, weight_names
 
-FORMAT = "asyncfgd-artifacts"
-FORMAT_VERSION = 1
-BN_MODES = ("train", "frozen")
+from .graphs import build_onnx
+from .local_heads import aux_head, init_aux_weights
+from .split import StepCost, split_program
+from .trace import trace
+
+BN_MODES = c.BN_MODES
 
 
 def _layer_of(qualified: str) -> str:
@@ -71,24 +73,24 @@ def export_model(model: Any, out_dir: str | Path, input_shape: tuple[int, int, i
                 progress(f"module {mod.index} {role}")
             spec = GraphSpec(role, tangents, bn_mode, balance_batch)
             model_proto = build_onnx(mod, spec, is_last, in_shape, num_classes, shapes)
-            fname = f"module{mod.index}.{role}.onnx"
+            fname = c.graph_file(mod.index, role)
             data = model_proto.SerializeToString()
             (out / fname).write_bytes(data)
             graphs[role] = {"file": fname, "sha256": hashlib.sha256(data).hexdigest(),
                             "inputs": [i.name for i in model_proto.graph.input],
                             "outputs": [o.name for o in model_proto.graph.output]}
         manifest_modules.append(_module_entry(mod, is_last, in_shape, out_shapes[mod.output], shapes, graphs))
-    np.savez(out / "weights.npz", **state)
+    np.savez(out / c.WEIGHTS_FILE, **state)
     manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "opset": OPSET,
+        "format": c.FORMAT, "format_version": c.FORMAT_VERSION, "opset": c.OPSET,
         "model": {**(model_spec or {"name": "custom", "config": {}}), "num_classes": int(num_classes),
                   "input_shape": [int(d) for d in input_shape]},
-        "bn_mode": bn_mode, "tangents": int(tangents), "weights_file": "weights.npz",
+        "bn_mode": bn_mode, "tangents": int(tangents), "weights_file": c.WEIGHTS_FILE,
         "balance_batch": None if split_at else int(balance_batch),
         "tuned_batch": int(balance_batch),
         "modules": manifest_modules,
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    (out / c.MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -106,11 +108,3 @@ def _module_entry(mod: ModuleSpec, is_last: bool, in_shape: list[int], out_shape
         "program": [n.to_dict() for n in mod.nodes],
         "aux_program": [n.to_dict() for n in mod.aux],
     }
-
-
-def module_specs(manifest: dict[str, Any]) -> list[ModuleSpec]:
-    """Rebuild the split programs from a manifest (for the torch backend and validation)."""
-    from .program import Node
-
-    return [ModuleSpec(m["index"], [Node.from_dict(n) for n in m["program"]], m["input"],
-                       [Node.from_dict(n) for n in m.get("aux_program", [])]) for m in manifest["modules"]]

@@ -13,8 +13,7 @@ import math
 
 import numpy as np
 
-from .program import Node
-from .split import ModuleSpec
+from asyncfgd.runtime.dual.program import ModuleSpec, Node
 
 
 def aux_head(mod: ModuleSpec, out_shape: list[int], num_classes: int) -> list[Node]:

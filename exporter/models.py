@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -33,6 +33,8 @@ class BlockChain(nn.Module):
     """Base for zoo models: ``forward`` is the composition of ``blocks()`` in order."""
 
     block_names: tuple[str, ...] = ()
+    #: set by ``build_model`` (read back by ``model_spec``); absent on a model built directly
+    zoo_spec: dict[str, Any]
 
     def blocks(self) -> list[tuple[str, nn.Module]]:
         """Top-level blocks in forward order, by qualified name (the splitter's cut points)."""
@@ -236,7 +238,7 @@ class MobileNetV2(BlockChain):
         self.block_names = (*(f"features.{i}" for i in range(len(features))),
                             "pool", "flatten", "classifier")
         _init_torchvision(self)
-        head = self.classifier[1]
+        head = cast(nn.Linear, self.classifier[1])
         nn.init.normal_(head.weight, 0.0, 0.01)
         nn.init.zeros_(head.bias)
 
@@ -258,25 +260,25 @@ def _int_tuple(name: str, value: Any, allow_empty: bool) -> tuple[int, ...]:
     return tuple(_positive_int(f"{name}[{i}]", v) for i, v in enumerate(value))
 
 
-def _build_mlp(num_classes: int, shape: InputShape, hidden: Any = (128,)) -> tuple[nn.Module, dict]:
+def _build_mlp(num_classes: int, shape: InputShape, hidden: Any = (128,)) -> tuple[BlockChain, dict]:
     hidden = _int_tuple("hidden", hidden, allow_empty=True)
     return MLP(shape[0] * shape[1] * shape[2], hidden, num_classes), {"hidden": list(hidden)}
 
 
-def _build_cnn(num_classes: int, shape: InputShape, channels: Any = (16, 32)) -> tuple[nn.Module, dict]:
+def _build_cnn(num_classes: int, shape: InputShape, channels: Any = (16, 32)) -> tuple[BlockChain, dict]:
     channels = _int_tuple("channels", channels, allow_empty=False)
     return CNN(shape, channels, num_classes), {"channels": list(channels)}
 
 
-def _resnet_builder(imagenet: bool) -> Callable[..., tuple[nn.Module, dict]]:
-    def build(num_classes: int, shape: InputShape, width: Any = 64) -> tuple[nn.Module, dict]:
+def _resnet_builder(imagenet: bool) -> Callable[..., tuple[BlockChain, dict]]:
+    def build(num_classes: int, shape: InputShape, width: Any = 64) -> tuple[BlockChain, dict]:
         width = _positive_int("width", width)
         return ResNet18(shape[0], num_classes, width, imagenet), {"width": width}
     return build
 
 
 def _build_mobilenetv2(num_classes: int, shape: InputShape, width_mult: Any = 1.0,
-                       stem_stride: Any = None) -> tuple[nn.Module, dict]:
+                       stem_stride: Any = None) -> tuple[BlockChain, dict]:
     if isinstance(width_mult, bool) or not isinstance(width_mult, (int, float)) or width_mult <= 0:
         raise ValueError(f"width_mult must be a positive number, got {width_mult!r}")
     if stem_stride is None:
@@ -290,7 +292,7 @@ def _build_mobilenetv2(num_classes: int, shape: InputShape, width_mult: Any = 1.
     return model, {"width_mult": float(width_mult), "stem_stride": stem_stride}
 
 
-_BUILDERS: dict[str, Callable[..., tuple[nn.Module, dict]]] = {
+_BUILDERS: dict[str, Callable[..., tuple[BlockChain, dict]]] = {
     "mlp": _build_mlp,
     "cnn": _build_cnn,
     "resnet18": _resnet_builder(imagenet=False),
@@ -306,7 +308,7 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-def build_model(name: str, num_classes: int, input_shape: tuple[int, int, int], **config: Any) -> nn.Module:
+def build_model(name: str, num_classes: int, input_shape: tuple[int, int, int], **config: Any) -> BlockChain:
     """Build zoo model ``name`` for (C, H, W) inputs; ``config`` holds the model's options.
 
     The resolved spec is stored on the model so ``model_spec``/``model_config`` can rebuild it.
@@ -366,7 +368,7 @@ def _few(keys: list[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def load_weights(model: nn.Module, path: str | Path, num_classes: int) -> list[str]:
+def load_weights(model: BlockChain, path: str | Path, num_classes: int) -> list[str]:
     """Load a local torchvision-format state_dict into ``model``; return notes on what was kept.
 
     The classifier head (the last block) is loaded only if its shapes match; otherwise (e.g. a

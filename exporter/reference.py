@@ -10,19 +10,23 @@ runtime's torch backend must agree bit for bit.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from asyncfgd.runtime import contract as c
+from asyncfgd.runtime.backend import updated_stats
+from asyncfgd.runtime.dual.interpreter import GraphSpec, run_module
+from asyncfgd.runtime.dual.program import ModuleSpec, stat_names, weight_names
+from asyncfgd.runtime.dual.torch_ops import TorchOps
+from asyncfgd.runtime.optim import make_optimizer
 from asyncfgd.runtime.perturb import fill_tangents
 
-from .graphs import GraphSpec, run_module, stat_names, weight_names
-from .ops import TorchOps
 from .reference_modules import jvp_module, segment_fn, set_bn_training
-from .split import ModuleSpec
 
 
 @dataclass
@@ -43,8 +47,6 @@ def _make_optimizer(impl: str, name: str, params: dict[str, torch.Tensor], lr: f
     if not params:
         return None  # a module without weights (e.g. a lone pooling layer) never updates
     if impl == "runtime":
-        from asyncfgd.runtime.optim import make_optimizer
-
         return make_optimizer(name, params, torch, lr=lr, **kw)
     tensors = list(params.values())
     if name == "adam":
@@ -85,7 +87,7 @@ def run_reference(model: torch.nn.Module, specs: Sequence[ModuleSpec], batches: 
     def tangents_for(k: int, s: int) -> dict[str, torch.Tensor]:
         host = [np.zeros((m, *params[k][q].shape), np.float32) for q in params[k]]
         fill_tangents(host, seed, s, k, mode, alpha(k, s))
-        return {q: torch.from_numpy(h) for q, h in zip(params[k], host)}
+        return {q: torch.from_numpy(h) for q, h in zip(params[k], host, strict=False)}
 
     used: dict[int, list[dict[str, torch.Tensor]]] = {}  # step -> autograd copies of the weights used
 
@@ -102,52 +104,54 @@ def run_reference(model: torch.nn.Module, specs: Sequence[ModuleSpec], batches: 
             kept[(k, s)] = u
         last = k == K - 1
         if dual == "rules":
-            role = "dual" if upstream else ("dual_first" if perturbed else "forward")
+            role = c.DUAL if upstream else (c.DUAL_FIRST if perturbed else c.FORWARD)
             onehot = F.one_hot(y_int, num_classes).float()
-            xd = torch.stack(xds) if upstream else None
+            xd = torch.stack(xds) if xds is not None else None  # i.e. if upstream
             with torch.no_grad():
                 o = run_module(TorchOps(), specs[k], GraphSpec(role, m, bn_mode, tuned_batch), last, x, xd,
                                params[k], u or {}, stats[k], onehot)
-            for name, v in o.items():
-                if name.startswith("s_new."):
-                    stats[k][name[6:]].copy_(v)
+            for stat, v in updated_stats(o):
+                stats[k][stat].copy_(v)
             if last:
-                d = None if "loss_dot" not in o else o["loss_dot"].numpy().copy()
-                return o["logits"], None, float(o["loss"]), d
-            return o["y"], (list(o["y_dot"]) if "y_dot" in o else None), None, None
+                d = None if c.LOSS_DOT not in o else o[c.LOSS_DOT].numpy().copy()
+                return o[c.LOGITS], None, float(o[c.LOSS]), d
+            return o[c.Y], (list(o[c.Y_DOT]) if c.Y_DOT in o else None), None, None
         # torch.func.jvp over the model's own layers, one tangent direction at a time
         x_ag = getattr(x, "_ag", None)
         x = x.detach()
         if u is None:
             with torch.no_grad():
-                y, _ = jvp_module(model, specs[k], x, None, params[k], {q: torch.zeros_like(p) for q, p in params[k].items()}, stats[k])
+                y, _ = jvp_module(model, specs[k], x, None, params[k],
+                                  {q: torch.zeros_like(p) for q, p in params[k].items()}, stats[k])
             yds = None
         else:
             yds = []
             for j in range(m):
                 bufs = stats[k] if j == 0 else {q: v.clone() for q, v in stats[k].items()}
-                y, yd = jvp_module(model, specs[k], x, xds[j] if upstream else None, params[k],
+                y, yd = jvp_module(model, specs[k], x, xds[j] if xds is not None else None, params[k],
                                    {q: t[j] for q, t in u.items()}, bufs)
                 yds.append(yd)
         copies = {q: p.detach().clone().requires_grad_() for q, p in params[k].items()}
         used.setdefault(s, []).append(copies)
-        y_ag = segment_fn(model, specs[k])(x if x_ag is None else x_ag, copies, None if bn_mode == "train" else stats[k])
+        y_ag = segment_fn(model, specs[k])(x if x_ag is None else x_ag, copies,
+                                           None if bn_mode == "train" else stats[k])
         y = y.detach()
         if not last:
-            y._ag = y_ag
+            # torch.Tensor takes Python attributes at runtime, but its stub declares none
+            y._ag = y_ag  # type: ignore[attr-defined]
             return y, yds, None, None
         loss = float(F.cross_entropy(y, y_int))
         d = None if yds is None else np.array(
             [float(torch.func.jvp(lambda z: F.cross_entropy(z, y_int), (y,), (yd,))[1]) for yd in yds], np.float32)
         if yds is not None:
-            weights = [(kk, c) for kk, c in enumerate(used.pop(s))]
-            flat = [t for _, c in weights for t in c.values()]
+            weights = list(enumerate(used.pop(s)))
+            flat = [t for _, ws in weights for t in ws.values()]
             grads = torch.autograd.grad(F.cross_entropy(y_ag, y_int), flat, allow_unused=True)
             gi = iter(grads)
             terms = [0.0] * m
-            for kk, c in weights:
+            for kk, ws in weights:
                 u_k = kept.get((kk, s))
-                for q in c:
+                for q in ws:
                     g = next(gi)
                     if g is not None and u_k is not None:
                         for j in range(m):
@@ -160,7 +164,8 @@ def run_reference(model: torch.nn.Module, specs: Sequence[ModuleSpec], batches: 
             u = kept.pop((k, s), None)
             if u is None or alpha(k, s) <= 0 or not params[k]:
                 continue
-            grads = {q: sum(t[j] * (float(d[j]) / m) for j in range(m)) for q, t in u.items()}
+            # a sum of m >= 1 tensors is a tensor (sum's annotation allows its start value 0)
+            grads = {q: cast(torch.Tensor, sum(t[j] * (float(d[j]) / m) for j in range(m))) for q, t in u.items()}
             _opt_step(opts[k], optimizer_impl, params[k], grads, lr(s))
 
     data = [(torch.from_numpy(np.asarray(x, np.float32)), torch.from_numpy(np.asarray(y)).long()) for x, y in batches]
@@ -179,18 +184,18 @@ def run_reference(model: torch.nn.Module, specs: Sequence[ModuleSpec], batches: 
         for t in range(len(data) + K - 1):
             if t < len(data):
                 slots[0] = (t, data[t][0], None, data[t][1])
-            produced = [None] * K
+            produced: list[tuple | None] = [None] * K
             for k in range(K):  # all modules of the tick use the weights as they were before it
-                if slots[k] is not None:
-                    s, h, hd, y_int = slots[k]
+                if (slot := slots[k]) is not None:
+                    s, h, hd, y_int = slot
                     produced[k] = (s, *forward(k, s, h, hd, y_int), y_int)
             slots = [None] * K
             for k in range(K - 1):
-                if produced[k] is not None:
-                    s, h, hd, _, _, y_int = produced[k]
+                if (done := produced[k]) is not None:
+                    s, h, hd, _, _, y_int = done
                     slots[k + 1] = (s, h, hd, y_int)
-            if produced[K - 1] is not None:
-                s, _, _, loss, d, _ = produced[K - 1]
+            if (final := produced[K - 1]) is not None:
+                s, _, _, loss, d, _ = final
                 out.loss[s] = loss
                 if d is not None:
                     out.loss_dot[s] = d

@@ -6,15 +6,19 @@ gets tangents from ``torch.func.jvp``.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch.func import functional_call
 
-from .split import ModuleSpec
+from asyncfgd.runtime.dual.program import ModuleSpec
+
+#: f(x, params, buffers) of one module; buffers None: BatchNorm on batch statistics, none updated
+SegmentFn = Callable[[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor] | None], torch.Tensor]
 
 
-def segment_fn(model: torch.nn.Module, mod: ModuleSpec) -> Callable[[torch.Tensor, dict, dict], torch.Tensor]:
+def segment_fn(model: torch.nn.Module, mod: ModuleSpec) -> SegmentFn:
     """f(x, params, buffers) for one module, using the model's layers with substituted tensors.
 
     ``buffers`` are BatchNorm statistics; in train mode the layers update them in place, as
@@ -22,7 +26,8 @@ def segment_fn(model: torch.nn.Module, mod: ModuleSpec) -> Callable[[torch.Tenso
     """
     layers = dict(model.named_modules())
 
-    def run(x: torch.Tensor, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+    def run(x: torch.Tensor, params: dict[str, torch.Tensor],
+            buffers: dict[str, torch.Tensor] | None) -> torch.Tensor:
         env = {mod.input: x}
         for node in mod.nodes:
             args = [env[i] for i in node.inputs]
@@ -35,8 +40,9 @@ def segment_fn(model: torch.nn.Module, mod: ModuleSpec) -> Callable[[torch.Tenso
                     # the layer's own kernel, minus its num_batches_tracked counter (an integer
                     # momentum-less BN would need; torch.func cannot mutate captured tensors).
                     # buffers=None: train mode without touching running statistics.
-                    stats = (None, None) if buffers is None else (buffers[node.buffers["running_mean"]],
-                                                                  buffers[node.buffers["running_var"]])
+                    stats: tuple[torch.Tensor | None, torch.Tensor | None] = (
+                        (None, None) if buffers is None else (buffers[node.buffers["running_mean"]],
+                                                              buffers[node.buffers["running_var"]]))
                     out = torch.nn.functional.batch_norm(args[0], *stats, local.get("weight"), local.get("bias"),
                                                          layer.training, layer.momentum, layer.eps)
                 else:
@@ -58,10 +64,12 @@ def jvp_module(model: torch.nn.Module, mod: ModuleSpec, x: torch.Tensor, x_dot: 
     train_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
 
     def g(xx: torch.Tensor, *ws: torch.Tensor) -> torch.Tensor:
-        return f(xx, dict(zip(names, ws)), None if train_bn else buffers)
+        return f(xx, dict(zip(names, ws, strict=False)), None if train_bn else buffers)
 
     xd = torch.zeros_like(x) if x_dot is None else x_dot
-    y, y_dot = torch.func.jvp(g, (x, *params.values()), (xd, *(tangents[n] for n in names)))
+    # without has_aux, jvp returns (output, jvp_out); its annotation also allows the has_aux triple
+    y, y_dot = cast(tuple[torch.Tensor, torch.Tensor],
+                    torch.func.jvp(g, (x, *params.values()), (xd, *(tangents[n] for n in names))))
     if train_bn and buffers:
         # torch.func cannot mutate running statistics inside jvp: update them in a plain pass
         with torch.no_grad():

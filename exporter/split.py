@@ -14,9 +14,9 @@ is half its step at batch 8); weight counts would starve the early, compute-heav
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from .program import Node, node_flops_dual
+from asyncfgd.runtime.dual.program import ModuleSpec, Node, node_flops_dual
 
 #: costs in dual multiply-add equivalents on one CPU thread, from ``scripts/split_costs.py`` on the
 #: development x86 host (ORT, batch 8 and 64). Set from its first version: a gaussian tangent draw
@@ -57,23 +57,6 @@ class StepCost:
 
 class SplitError(ValueError):
     """The requested split is impossible; the message says why and what would work."""
-
-
-@dataclass
-class ModuleSpec:
-    index: int
-    nodes: list[Node]
-    input: str  # value name the module consumes ("input" for the first module)
-    aux: list[Node] = field(default_factory=list)  # local-loss head (local_heads.py), if exported
-
-    @property
-    def output(self) -> str:
-        return self.nodes[-1].name
-
-    @property
-    def cost(self) -> int:
-        """Dual multiply-adds per sample with one tangent (the manifest's ``cost_flops``)."""
-        return sum(node_flops_dual(n) for n in self.nodes)
 
 
 def cut_points(program: list[Node]) -> list[int]:
@@ -129,7 +112,7 @@ def split_program(program: list[Node], modules: int | None = None, at: list[str]
         starts = _balanced(program, points, k, cost)
     bounds = [0, *starts, len(program)]
     return [ModuleSpec(i, program[a:b], "input" if a == 0 else program[a - 1].name)
-            for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+            for i, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False))]
 
 
 def _balanced(program: list[Node], points: list[int], k: int, cost: StepCost) -> list[int]:

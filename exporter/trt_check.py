@@ -61,7 +61,7 @@ _CONST_AXES_OPS = frozenset({
     "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean",
     "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare", "Squeeze", "Unsqueeze", "CumSum",
 })
-_UNSUPPORTED_TYPES = {
+_UNSUPPORTED_TYPES: dict[int, str] = {  # TensorProto.DataType value -> name
     TensorProto.STRING: "STRING", TensorProto.INT16: "INT16", TensorProto.UINT16: "UINT16",
     TensorProto.UINT32: "UINT32", TensorProto.UINT64: "UINT64",
     TensorProto.COMPLEX64: "COMPLEX64", TensorProto.COMPLEX128: "COMPLEX128",
@@ -82,15 +82,6 @@ class TrtIssue:
         return f"[{self.severity}] {where}: {self.message}"
 
 
-class TrtCompatError(ValueError):
-    """The graph cannot be built by TensorRT; carries every error found."""
-
-    def __init__(self, issues: list[TrtIssue]):
-        self.issues = issues
-        lines = "\n".join(f"  {i}" for i in issues)
-        super().__init__(f"{len(issues)} TensorRT {TRT_VERSION} incompatibilities:\n{lines}")
-
-
 def check_trt_compat(model: onnx.ModelProto | str | Path) -> list[TrtIssue]:
     """Return all errors and warnings for building ``model`` with TensorRT 10's ONNX parser."""
     if not isinstance(model, onnx.ModelProto):
@@ -99,15 +90,6 @@ def check_trt_compat(model: onnx.ModelProto | str | Path) -> list[TrtIssue]:
     functions = {(f.domain, f.name): f for f in model.functions}
     issues += _check_graph(model.graph, functions, outer_consts=frozenset())
     issues += _check_io(model.graph)
-    return issues
-
-
-def assert_trt_compat(model: onnx.ModelProto | str | Path) -> list[TrtIssue]:
-    """Raise :class:`TrtCompatError` listing every error; return the warnings otherwise."""
-    issues = check_trt_compat(model)
-    errors = [i for i in issues if i.severity == "error"]
-    if errors:
-        raise TrtCompatError(errors)
     return issues
 
 

@@ -5,7 +5,8 @@ tangents: training then degrades silently. So every graph is run in ONNX Runtime
 inputs and compared with ``torch.func.jvp`` over the model's *own* nn.Module layers
 (reference_modules), and the chained ``loss_dot`` with the autograd gradient dotted with the
 weight tangents. Errors are max|a − b| / max|b|, except ``loss_dot``, a sum of cancelling
-terms, whose error is relative to the sum of the terms' magnitudes (shared/TOOLCHAIN.md).
+terms, whose error is relative to the sum of the terms' magnitudes (in float32, dloss against
+the autograd gradient·u was measured to differ by up to ~5e-4 relative through that cancellation).
 
 Two float32 effects are not graph bugs and are told apart from them:
 
@@ -23,9 +24,11 @@ Two float32 effects are not graph bugs and are told apart from them:
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -34,23 +37,20 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from asyncfgd.runtime import contract as c
 from asyncfgd.runtime.artifacts import Artifacts, ModuleInfo, load_artifacts
+from asyncfgd.runtime.dual.program import ModuleSpec, Node, module_specs, weight_names
 
-from .export import module_specs
-from .graphs import LOCAL_ROLE, weight_names
 from .models import build_model
-from .program import Node
 from .reference_modules import cross_entropy, jvp_module, segment_fn, set_bn_training
-from .split import ModuleSpec
 from .trt_check import check_trt_compat
 
-DUAL_ROLES = ("dual", "dual_first", LOCAL_ROLE)
 NA_SINGLE_VALUE = "n/a (train BN over 1 value)"
 KAPPA = 10.0  # allowed multiple of float32 PyTorch's own error
 KINK_DELTA = 1e-5  # a kink this close (relative to the layer's max |input|) may flip in float32
 ATTEMPTS = 3
 FLOOR_DRAWS = 3  # float32 rounding draws behind each floor: one draw alone can be 10x lucky
-_PER_SAMPLE = ("y", "y_dot", "logits")  # outputs with a batch axis (y_dot: axis 1)
+_PER_SAMPLE = (c.Y, c.Y_DOT, c.LOGITS)  # outputs with a batch axis (y_dot: axis 1)
 
 
 @dataclass
@@ -107,11 +107,11 @@ def validate_artifacts(artifacts_dir: str | Path, model: torch.nn.Module | None 
     for info in arts.modules:
         for role in info.graphs:
             check.sessions[info.index, role] = _open_checked(arts, info, role, report)
-    for info, mod in zip(arts.modules, check.specs):
+    for info, mod in zip(arts.modules, check.specs, strict=False):
         for role in info.graphs:
-            report.rows += [check.retrying(lambda s: check.module_row(info, mod, role, n, s), seed)
+            report.rows += [check.retrying(partial(check.module_row, info, mod, role, n), seed)
                             for n in batch_sizes]
-    report.rows += [check.retrying(lambda s: check.end_to_end_row(n, s), seed) for n in batch_sizes]
+    report.rows += [check.retrying(partial(check.end_to_end_row, n), seed) for n in batch_sizes]
     return report
 
 
@@ -200,14 +200,15 @@ def _draws(inp: _Inputs, seed: int) -> list[_Inputs]:
 def _feeds(arts: Artifacts, info: ModuleInfo, role: str, x: np.ndarray, x_dot: np.ndarray | None,
            inp: _Inputs) -> dict[str, np.ndarray]:
     """The graph's declared inputs, filled by the naming contract (docs/artifacts.md)."""
-    values = {"x": x, "x_dot": x_dot, "labels": np.eye(arts.num_classes, dtype=np.float32)[inp.labels],
-              **{f"s.{q}": v for q, v in inp.stats.items()}, **{f"u.{q}": v for q, v in inp.tangents.items()},
-              **{f"w.{q}": arts.weights[q] for q in info.param_names}}
+    values = {c.X: x, c.X_DOT: x_dot, c.LABELS: np.eye(arts.num_classes, dtype=np.float32)[inp.labels],
+              **{c.stat_input(q): v for q, v in inp.stats.items()},
+              **{c.tangent_input(q): v for q, v in inp.tangents.items()},
+              **{c.weight_input(q): arts.weights[q] for q in info.param_names}}
     return {name: values[name] for name in info.graphs[role]["inputs"]}
 
 
 def _run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=False))
 
 
 # --------------------------------------------------------------------------- references
@@ -231,7 +232,7 @@ def _reference(model: torch.nn.Module, arts: Artifacts, mod: ModuleSpec, info: M
     x, params = cv(inp.x), {q: state[q] for q in names}
     stats = {q: cv(inp.stats[q]) for q in info.buffer_names}  # train-mode BN updates them: s_new
     y_dot = None
-    if role in DUAL_ROLES:
+    if role in c.TANGENT_ROLES:
         pairs = [jvp_module(model, mod, x, None if inp.x_dot is None else cv(inp.x_dot[j]), params,
                             {q: cv(inp.tangents[q][j]) for q in names},
                             stats if j == 0 else {q: v.clone() for q, v in stats.items()})
@@ -240,24 +241,25 @@ def _reference(model: torch.nn.Module, arts: Artifacts, mod: ModuleSpec, info: M
     else:
         with torch.no_grad():
             y = segment_fn(model, mod)(x, params, stats)
-    out = {f"s_new.{q}": v for q, v in stats.items()} if bn_train else {}
+    out = {c.stat_output(q): v for q, v in stats.items()} if bn_train else {}
     scales: dict[str, torch.Tensor] = {}
-    if role == LOCAL_ROLE:  # the module's output y, and the auxiliary head's loss
+    if role == c.LOCAL:  # the module's output y, and the auxiliary head's loss
         fc = mod.aux[-1].params
         head = [(cv(arts.weights[q]), cv(inp.tangents[q])) for q in (fc["weight"], fc["bias"])]
-        out["y"] = y
+        out[c.Y] = y
+        assert y_dot is not None  # LOCAL is a tangent role: y_dot was computed above
         y, y_dot = _aux_head(y, y_dot, head)
-    if not info.is_last and role != LOCAL_ROLE:
-        out.update({"y": y} if y_dot is None else {"y": y, "y_dot": y_dot})
+    if not info.is_last and role != c.LOCAL:
+        out.update({c.Y: y} if y_dot is None else {c.Y: y, c.Y_DOT: y_dot})
     else:
-        out["logits"] = y
-        if role != "eval":
+        out[c.LOGITS] = y
+        if role != c.EVAL:
             labels = torch.from_numpy(inp.labels)
-            out["loss"] = cross_entropy(y, labels)
+            out[c.LOSS] = cross_entropy(y, labels)
             if y_dot is not None:
-                out["loss_dot"] = _loss_dot(y, y_dot, labels)
+                out[c.LOSS_DOT] = _loss_dot(y, y_dot, labels)
                 resid = torch.softmax(y, 1) - F.one_hot(labels, y.shape[1]).to(dtype)
-                scales["loss_dot"] = (resid * y_dot).abs().sum(2).mean(1)
+                scales[c.LOSS_DOT] = (resid * y_dot).abs().sum(2).mean(1)
     out = {k: v.detach().double() for k, v in out.items()}
     scales = {k: scales[k].detach().double() if k in scales else v.abs().max() for k, v in out.items()}
     return out, scales
@@ -276,7 +278,9 @@ def _aux_head(y: torch.Tensor, y_dot: torch.Tensor, head: list[tuple[torch.Tenso
     def f(z: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return F.linear(z.mean((2, 3)) if z.dim() == 4 else z, w, b)
 
-    pairs = [torch.func.jvp(f, (y, w, b), (y_dot[j], uw[j], ub[j])) for j in range(len(y_dot))]
+    # without has_aux, jvp returns (output, jvp_out); its annotation also allows the has_aux triple
+    pairs = [cast(tuple[torch.Tensor, torch.Tensor], torch.func.jvp(f, (y, w, b), (y_dot[j], uw[j], ub[j])))
+             for j in range(len(y_dot))]
     return pairs[0][0], torch.stack([zd for _, zd in pairs])
 
 
@@ -289,11 +293,13 @@ def _grad_dot(model: torch.nn.Module, arts: Artifacts, specs: list[ModuleSpec],
     buffers = {q: torch.tensor(v, dtype=torch.float64) for q, v in inp.stats.items()}  # copies: BN updates them
     logits = functional_call(model, {**params, **buffers}, (torch.tensor(inp.x, dtype=torch.float64),))
     grads = torch.autograd.grad(cross_entropy(logits, torch.from_numpy(inp.labels)), list(params.values()))
-    dots, scales = [], []
+    dots: list[torch.Tensor] = []
+    scales: list[torch.Tensor] = []
     for j in range(arts.tangents):
-        terms = [g * torch.tensor(inp.tangents[q][j], dtype=torch.float64) for g, q in zip(grads, names)]
-        dots.append(sum(t.sum() for t in terms))
-        scales.append(sum(t.abs().sum() for t in terms))
+        terms = [g * torch.tensor(inp.tangents[q][j], dtype=torch.float64) for g, q in zip(grads, names, strict=False)]
+        # sums of tensors (one term per weight; sum's annotation allows its start value 0)
+        dots.append(cast(torch.Tensor, sum(t.sum() for t in terms)))
+        scales.append(cast(torch.Tensor, sum(t.abs().sum() for t in terms)))
     return torch.stack(dots), torch.stack(scales)
 
 
@@ -352,7 +358,7 @@ def _maxpool_gap(x: torch.Tensor, node: Node, out_hw: torch.Size) -> torch.Tenso
 def _error(name: str, a: Any, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """|a − b| / scale, reduced to one value per sample for batch outputs, else to a scalar."""
     d = (torch.as_tensor(a).double() - b).abs() / scale.clamp_min(1e-30)
-    if name == "y_dot":
+    if name == c.Y_DOT:
         return d.transpose(0, 1).flatten(1).amax(1)
     if name in _PER_SAMPLE:
         return d.flatten(1).amax(1)
@@ -407,11 +413,11 @@ class _Checker:
     def module_row(self, info: ModuleInfo, mod: ModuleSpec, role: str, n: int, seed: int) -> tuple[ValidationRow, bool]:
         arts = self.arts
         row = ValidationRow(str(info.index), role, n)
-        bn_train = arts.bn_mode == "train" and role != "eval"
+        bn_train = arts.bn_mode == "train" and role != c.EVAL
         if bn_train and _single_value_bn(mod, info.in_shape, n):
             row.status = NA_SINGLE_VALUE
             return row, False
-        inp = _random_inputs(arts, [info], info.in_shape, n, role == "dual",
+        inp = _random_inputs(arts, [info], info.in_shape, n, role == c.DUAL,
                              np.random.default_rng([seed, info.index, list(info.graphs).index(role), n]))
         got = _run(self.sessions[info.index, role], _feeds(arts, info, role, inp.x, inp.x_dot, inp))
         ref, scales = _reference(self.ref, arts, mod, info, role, bn_train, inp)
@@ -420,8 +426,8 @@ class _Checker:
             got, ref, scales, n,
             lambda: [_reference(self.ref32, arts, mod, info, role, bn_train, draw)[0] for draw in _draws(inp, seed)],
             lambda: _kink_samples(self.ref32, mod.nodes, n,
-                                  lambda: _reference(self.ref32, arts, mod, info, "forward", bn_train, inp)), self.tol)
-        dot = "y_dot" if "y_dot" in errs else "loss_dot" if "loss_dot" in errs else None
+                                  lambda: _reference(self.ref32, arts, mod, info, c.FORWARD, bn_train, inp)), self.tol)
+        dot = c.Y_DOT if c.Y_DOT in errs else c.LOSS_DOT if c.LOSS_DOT in errs else None
         row.err_y = max(e for k, e in errs.items() if k != dot)
         row.err_dot = errs[dot] if dot else None
         row.floor = floors[dot] if dot and floors else None
@@ -432,24 +438,27 @@ class _Checker:
         arts = self.arts
         row = ValidationRow("all", "e2e dloss", n)
         bn_train = arts.bn_mode == "train"
-        if bn_train and any(_single_value_bn(mod, info.in_shape, n) for info, mod in zip(arts.modules, self.specs)):
+        if bn_train and any(_single_value_bn(mod, info.in_shape, n)
+                            for info, mod in zip(arts.modules, self.specs, strict=False)):
             row.status = NA_SINGLE_VALUE
             return row, False
         inp = _random_inputs(arts, arts.modules, list(arts.input_shape), n, False, np.random.default_rng([seed, n]))
-        x, x_dot = inp.x, None
+        x: np.ndarray | None = inp.x
+        x_dot = None
         for info in arts.modules:
-            role = "dual" if x_dot is not None else "dual_first"
+            role = c.DUAL if x_dot is not None else c.DUAL_FIRST
+            assert x is not None  # every module but the last outputs y, the next one's input
             outs = _run(self.sessions[info.index, role], _feeds(arts, info, role, x, x_dot, inp))
-            x, x_dot = outs.get("y"), outs.get("y_dot")
+            x, x_dot = outs.get(c.Y), outs.get(c.Y_DOT)
         set_bn_training(self.ref, bn_train)
         ref, scale = _grad_dot(self.ref, arts, self.specs, inp)
         nodes = [nd for mod in self.specs for nd in mod.nodes]
         errs, floors, row.status, kinked = _judge(
-            {"loss_dot": outs["loss_dot"]}, {"loss_dot": ref}, {"loss_dot": scale}, n,
-            lambda: [{"loss_dot": self.chained_loss_dot(draw, bn_train)} for draw in _draws(inp, seed)],
+            {c.LOSS_DOT: outs[c.LOSS_DOT]}, {c.LOSS_DOT: ref}, {c.LOSS_DOT: scale}, n,
+            lambda: [{c.LOSS_DOT: self.chained_loss_dot(draw, bn_train)} for draw in _draws(inp, seed)],
             lambda: _kink_samples(self.ref32, nodes, n, lambda: functional_call(  # BN mode set by chained_loss_dot
                 self.ref32, {q: torch.tensor(v) for q, v in inp.stats.items()}, (torch.from_numpy(inp.x),))), self.tol)
-        row.err_dot, row.floor = errs["loss_dot"], floors and floors["loss_dot"]
+        row.err_dot, row.floor = errs[c.LOSS_DOT], floors[c.LOSS_DOT] if floors else None
         return row, kinked
 
 
@@ -460,11 +469,12 @@ class _Checker:
         out = []
         for j in range(self.arts.tangents):
             x, x_dot = torch.from_numpy(inp.x), None
-            for info, mod in zip(self.arts.modules, self.specs):
+            for info, mod in zip(self.arts.modules, self.specs, strict=False):
                 names = weight_names(mod.nodes)
                 x, x_dot = jvp_module(self.ref32, mod, x, x_dot, {q: state[q] for q in names},
                                       {q: torch.from_numpy(inp.tangents[q][j]) for q in names},
                                       {q: torch.tensor(inp.stats[q]) for q in info.buffer_names})
+            assert x_dot is not None  # set by the first module's jvp (there is at least one module)
             out.append(_loss_dot(x, x_dot[None], torch.from_numpy(inp.labels))[0])
         return torch.stack(out).double()
 

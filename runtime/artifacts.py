@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +16,14 @@ from typing import Any
 
 import numpy as np
 
-SUPPORTED_VERSIONS = (1,)
+from . import contract as c
+
+F32 = 4  # bytes per element: every weight, tangent and statistic is float32
+
+
+def param_numel(module: dict[str, Any]) -> int:
+    """Trainable elements of a manifest module entry."""
+    return sum(math.prod(int(d) for d in p["shape"]) for p in module["params"])
 
 
 class ArtifactError(Exception):
@@ -90,9 +99,9 @@ class Artifacts:
         return data
 
 
-def load_artifacts(root: str | Path) -> Artifacts:
+def load_artifacts(root: str | os.PathLike[str]) -> Artifacts:
     root = Path(root)
-    mpath = root / "manifest.json"
+    mpath = root / c.MANIFEST
     if not mpath.is_file():
         raise ArtifactError(f"{root} is not an artifact directory: manifest.json is missing. Create one with "
                             f"`asyncfgd-app export --model NAME --out {root}`.")
@@ -100,15 +109,16 @@ def load_artifacts(root: str | Path) -> Artifacts:
         manifest = json.loads(mpath.read_text())
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"{mpath} is not valid JSON ({exc}); re-run `asyncfgd-app export`.") from None
-    if manifest.get("format") != "asyncfgd-artifacts" or manifest.get("format_version") not in SUPPORTED_VERSIONS:
-        raise ArtifactError(f"{mpath} has format {manifest.get('format')!r} version {manifest.get('format_version')!r}; "
-                            f"this runtime reads asyncfgd-artifacts versions {SUPPORTED_VERSIONS}.")
+    if manifest.get("format") != c.FORMAT or manifest.get("format_version") not in c.SUPPORTED_VERSIONS:
+        raise ArtifactError(f"{mpath} has format {manifest.get('format')!r} "
+                            f"version {manifest.get('format_version')!r}; "
+                            f"this runtime reads {c.FORMAT} versions {c.SUPPORTED_VERSIONS}.")
     try:
         modules = [ModuleInfo(m["index"], m["is_last"], m["in_shape"], m["out_shape"], m["params"], m["buffers"],
                               m["graphs"], m.get("cost_flops", 0), m) for m in manifest["modules"]]
     except (KeyError, TypeError) as exc:
         raise ArtifactError(f"{mpath} lacks a required field ({exc}); re-run `asyncfgd-app export`.") from None
-    weights = load_weights_file(root / manifest.get("weights_file", "weights.npz"))
+    weights = load_weights_file(root / manifest.get("weights_file", c.WEIGHTS_FILE))
     missing = [n for m in modules for n in (*m.param_names, *m.buffer_names) if n not in weights]
     if missing:
         raise ArtifactError(f"weights file lacks {len(missing)} tensors named in the manifest (e.g. {missing[:3]}); "

@@ -6,21 +6,18 @@ tangents and BatchNorm running statistics. The scheduler never copies weights: i
 tangent buffers in place, asks the module to run one graph role, and lets the optimizer update
 the weight buffers in place with the backend's array namespace ``xp``.
 
-Graph roles (see docs/artifacts.md):
-- ``dual``        (x, x_dot, weights, tangents[, labels]) -> (y, y_dot) | (loss, loss_dot, logits)
-- ``dual_first``  same without x_dot: the input tangent is zero (first perturbed module)
-- ``forward``     training-mode primal only (frozen modules): (x, weights[, labels]) -> y | (loss, logits)
-- ``eval``        inference-mode primal (BatchNorm uses running statistics) -> y | logits
+The graph roles and tensor names are the artifact contract's (contract.py, docs/artifacts.md).
 Roles that update BatchNorm statistics write them back into the module's buffers.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-ROLES = ("dual", "dual_first", "forward", "eval")
+from . import contract as c
 
 
 @dataclass
@@ -40,6 +37,19 @@ class RunResult:
     #: device event marking the outputs complete (CUDA backends); the consumer waits on it
     ready: Any = None
 
+    @staticmethod
+    def of(outputs: Mapping[str, Any], ready: Any = None) -> RunResult:
+        """The result fields from a graph's outputs by contract name."""
+        return RunResult(**{name: outputs.get(name) for name in c.OUTPUTS}, ready=ready)
+
+
+def updated_stats(outputs: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+    """(statistic name, new value) for each BatchNorm statistic a graph run updated."""
+    for name, value in outputs.items():
+        stat = c.updated_stat(name)
+        if stat is not None:
+            yield stat, value
+
 
 class ModuleRunner(Protocol):
     """One pipeline module, resident on one device.
@@ -52,18 +62,26 @@ class ModuleRunner(Protocol):
 
     index: int
     is_last: bool
-    #: array namespace for in-place optimizer math on this module's buffers
-    #: (numpy for ORT-CPU, torch for the torch backend)
-    xp: Any
     #: live weight buffers, by weight name (updated in place by the optimizer)
     params: dict[str, Any]
     #: live tangent buffers, by weight name, shape (m, *weight.shape)
     tangents: dict[str, Any]
     #: BatchNorm running statistics, by buffer name
     buffers: dict[str, Any]
-    #: tangents re-created for an update (m, *shape), and the gradient they combine into
-    scratch: dict[str, Any]
+    #: the gradient that re-created tangents (``scratch``) combine into
     grads: dict[str, Any]
+
+    # read-only members: a runner may provide them as class attributes or properties
+    @property
+    def xp(self) -> Any:
+        """Array namespace for in-place optimizer math on this module's buffers
+        (numpy for ORT-CPU, torch for the torch backend)."""
+        ...
+
+    @property
+    def scratch(self) -> dict[str, Any]:
+        """Tangents re-created for an update, (m, *shape) by weight name."""
+        ...
 
     def tangent_host(self) -> list[np.ndarray]:
         """Host arrays to fill with this module's tangents, in ``params`` order."""

@@ -9,7 +9,8 @@ with the same element-wise arithmetic, so the same results.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -19,7 +20,7 @@ def flat_views(shapes: Sequence[Sequence[int]]) -> list[np.ndarray]:
     sizes = [math.prod(s) for s in shapes]
     flat = np.zeros(sum(sizes), np.float32)
     views, start = [], 0
-    for shape, n in zip(shapes, sizes):
+    for shape, n in zip(shapes, sizes, strict=False):
         views.append(flat[start:start + n].reshape(shape))
         start += n
     return views

@@ -4,15 +4,16 @@ from __future__ import annotations
 from typing import Any
 
 from .artifacts import Artifacts
-from .backend import ModuleRunner
+from .backend import Backend, ModuleRunner
 from .optim import make_optimizer
 from .scheduler import AlphaFn, AsyncFGD, LocalFGD, LrFn, Perturbation, SyncFGD
 
-METHODS = ("fgd", "asyncfgd", "local")  # local: needs artifacts exported with local heads
+LOCAL_METHOD = "local"  # experimental: needs artifacts exported with local heads
+METHODS = ("fgd", "asyncfgd", LOCAL_METHOD)
 BACKENDS = ("onnxruntime", "torch", "torch-cuda", "tensorrt")
 
 
-def make_backend(name: str) -> Any:
+def make_backend(name: str) -> Backend:
     """Backends are imported on demand so that choosing ONNX Runtime never imports torch."""
     if name == "onnxruntime":
         from .ort_backend import OrtBackend
@@ -23,7 +24,7 @@ def make_backend(name: str) -> Any:
 
         return TorchBackend("cuda" if name == "torch-cuda" else "cpu")
     if name == "tensorrt":
-        from .trt_backend import TrtBackend
+        from .trt.backend import TrtBackend
 
         return TrtBackend()
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
@@ -39,5 +40,5 @@ def make_scheduler(runners: list[ModuleRunner], method: str, optimizer: str, lr:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     opts = [make_optimizer(optimizer, r.params, r.xp, lr=lr(0), **(optimizer_kw or {})) for r in runners]
-    cls = {"fgd": SyncFGD, "asyncfgd": AsyncFGD, "local": LocalFGD}[method]
+    cls = {"fgd": SyncFGD, "asyncfgd": AsyncFGD, LOCAL_METHOD: LocalFGD}[method]
     return cls(runners, opts, alpha, lr, perturbation)

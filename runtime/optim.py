@@ -25,7 +25,8 @@ module instead of once per tensor: the same element-wise operations, far fewer P
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -78,7 +79,7 @@ class Optimizer:
         """Add a zeroed state shaped like the weights (one buffer where the weights are one)."""
         if self._span is not None:
             views = flat_views([p.shape for p in self.params.values()])
-            self._state[name] = dict(zip(self.params, views))
+            self._state[name] = dict(zip(self.params, views, strict=False))
             self._state_spans.append(contiguous_span(views))
         else:
             self._state[name] = {k: self.xp.zeros_like(p) for k, p in self.params.items()}
@@ -117,6 +118,7 @@ class Optimizer:
         n = flats[0].shape[0]
         for i in range(0, n, CHUNK):
             j = min(i + CHUNK, n)
+            assert self._buf is not None  # allocated whenever there is a parameter to chunk
             yield (*(f[i:j] for f in flats), self._buf[: j - i])
 
     def _update(self, groups: list[tuple[Array, ...]], lr: float) -> None:
@@ -136,6 +138,7 @@ class Optimizer:
         its RMS tracks the noise level: dividing by it gives SGD steps of a stable size whatever the
         module's width or α. Cost: one extra pass over g per step. Adam already normalises per element.
         """
+        assert self.normalize is not None  # step() calls this only when normalizing
         ms = self._state["noise"]["mean_square"]
         size = sum(math.prod(g.shape) for g in grads)
         ms *= self.normalize

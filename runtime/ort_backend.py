@@ -32,8 +32,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from . import contract as c
 from .artifacts import Artifacts
-from .backend import RunResult
+from .backend import RunResult, updated_stats
 from .buffers import flat_views
 
 ORT_THREADS_DEFAULT = 0  # 0 = ONNX Runtime's own choice (all physical cores)
@@ -58,11 +59,12 @@ class OrtModuleRunner:
         self.index, self.is_last, self.info = index, info.is_last, info
         self.num_classes = artifacts.num_classes
         m = tangents
-        self.params = dict(zip(info.param_names, flat_views([artifacts.weights[n].shape for n in info.param_names])))
+        self.params = dict(zip(info.param_names, flat_views([artifacts.weights[n].shape for n in info.param_names]),
+                               strict=False))
         for n, w in self.params.items():
             w[...] = artifacts.weights[n]
         self._tangent_shapes = {p["name"]: (m, *p["shape"]) for p in info.params}
-        self.tangents = dict(zip(self._tangent_shapes, flat_views(list(self._tangent_shapes.values()))))
+        self.tangents = dict(zip(self._tangent_shapes, flat_views(list(self._tangent_shapes.values())), strict=False))
         self._scratch: dict[str, np.ndarray] | None = None
         self.grads = {n: u[0] for n, u in (self.tangents if self.is_last else self.scratch).items()}
         self.buffers = {n: artifacts.weights[n].copy() for n in info.buffer_names}
@@ -76,7 +78,8 @@ class OrtModuleRunner:
     @property
     def scratch(self) -> dict[str, np.ndarray]:
         if self._scratch is None:
-            self._scratch = dict(zip(self._tangent_shapes, flat_views(list(self._tangent_shapes.values()))))
+            self._scratch = dict(zip(self._tangent_shapes, flat_views(list(self._tangent_shapes.values())),
+                                     strict=False))
         return self._scratch
 
     def _session(self, role: str) -> ort.InferenceSession:
@@ -92,8 +95,8 @@ class OrtModuleRunner:
         """Bind the persistent inputs (weights, tangents, statistics) once, sharing memory."""
         b = session.io_binding()
         for i in session.get_inputs():
-            kind, _, name = i.name.partition(".")
-            src = {"w": self.params, "u": self.tangents, "s": self.buffers}.get(kind)
+            kind, name = c.split_input(i.name)
+            src = {c.WEIGHT: self.params, c.TANGENT: self.tangents, c.STAT: self.buffers}.get(kind)
             if src is not None and name in src:
                 b.bind_ortvalue_input(i.name, ort.OrtValue.ortvalue_from_numpy(src[name]))
         return b
@@ -115,21 +118,19 @@ class OrtModuleRunner:
             labels: np.ndarray | None = None, ready: Any = None) -> RunResult:
         session = self._session(role)
         b = self._bindings[role]
-        b.bind_cpu_input("x", np.ascontiguousarray(x, dtype=np.float32))
-        if role == "dual":
-            b.bind_cpu_input("x_dot", np.ascontiguousarray(x_dot, dtype=np.float32))
-        if labels is not None and role != "eval" and (self.is_last or role == "local"):
-            b.bind_cpu_input("labels", np.ascontiguousarray(labels, dtype=np.float32))
+        b.bind_cpu_input(c.X, np.ascontiguousarray(x, dtype=np.float32))
+        if role == c.DUAL:
+            b.bind_cpu_input(c.X_DOT, np.ascontiguousarray(x_dot, dtype=np.float32))
+        if labels is not None and role != c.EVAL and (self.is_last or role == c.LOCAL):
+            b.bind_cpu_input(c.LABELS, np.ascontiguousarray(labels, dtype=np.float32))
         bound = self._out_buffers(role, x.shape[0])
         for name, (_, value) in bound.items():
             b.bind_ortvalue_output(name, value)
         session.run_with_iobinding(b)
         outs = {name: arr for name, (arr, _) in bound.items()}
-        for name, arr in outs.items():
-            if name.startswith("s_new."):
-                np.copyto(self.buffers[name[6:]], arr)
-        return RunResult(y=outs.get("y"), y_dot=outs.get("y_dot"), loss=outs.get("loss"),
-                         loss_dot=outs.get("loss_dot"), logits=outs.get("logits"))
+        for stat, arr in updated_stats(outs):
+            np.copyto(self.buffers[stat], arr)
+        return RunResult.of(outs)
 
     def device_context(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
+from . import contract as c
 from .backend import ModuleRunner, RunResult
 from .buffers import contiguous_span
 from .perturb import fill_tangents
@@ -80,8 +82,8 @@ class _Base:
         perturbed = self.alpha(k, step) > 0
         upstream = any(self.alpha(j, step) > 0 for j in range(k))
         if upstream:
-            return "dual", perturbed
-        return ("dual_first" if perturbed else "forward"), perturbed
+            return c.DUAL, perturbed
+        return (c.DUAL_FIRST if perturbed else c.FORWARD), perturbed
 
     def _fill(self, k: int, step: int) -> None:
         r = self.runners[k]
@@ -101,7 +103,7 @@ class _Base:
             return r.tangents
         hosts = r.scratch_host()
         if self.pert.store_tangents and step in self._rings[k]:
-            for dst, src in zip(hosts, self._rings[k][step]):
+            for dst, src in zip(hosts, self._rings[k][step], strict=False):
                 np.copyto(dst, src)
         else:
             fill_tangents(hosts, self.pert.seed, step, k, self.pert.mode, self.alpha(k, step))
@@ -153,7 +155,7 @@ class SyncFGD(_Base):
         h, hd, ready = x, None, None
         for k, r in enumerate(self.runners):
             role, perturbed = self._role(k, s)
-            if role != "forward":
+            if role != c.FORWARD:
                 self._fill(k, s)
             res = r.run(role, h, hd, labels if r.is_last else None, ready=ready)
             h, hd, ready = res.y, res.y_dot, res.ready
@@ -244,10 +246,10 @@ class AsyncFGD(_Base):
         if job is None:
             return None
         role, _ = self._role(k, job.step)
-        if role != "forward":
+        if role != c.FORWARD:
             self._fill(k, job.step)
         r = self.runners[k]
-        return job, r.run(role, job.h, job.h_dot if role == "dual" else None, job.labels if r.is_last else None,
+        return job, r.run(role, job.h, job.h_dot if role == c.DUAL else None, job.labels if r.is_last else None,
                           ready=job.ready)
 
     def _finish(self, job: _Handoff, res: RunResult) -> StepOutcome:
@@ -307,8 +309,8 @@ class LocalFGD(AsyncFGD):
 
     def _role(self, k: int, step: int) -> tuple[str, bool]:
         if self.alpha(k, step) <= 0:
-            return "forward", False
-        return ("dual_first" if k == self.K - 1 else "local"), True
+            return c.FORWARD, False
+        return (c.DUAL_FIRST if k == self.K - 1 else c.LOCAL), True
 
     def _job(self, k: int, job: _Handoff | None) -> tuple[_Handoff, RunResult] | None:
         if job is None:
@@ -317,9 +319,10 @@ class LocalFGD(AsyncFGD):
         r = self.runners[k]
         if perturbed:
             self._fill(k, job.step)
-        res = r.run(role, job.h, None, job.labels if (r.is_last or role == "local") else None, ready=job.ready)
+        res = r.run(role, job.h, None, job.labels if (r.is_last or role == c.LOCAL) else None, ready=job.ready)
         if perturbed:
             _, d = self._check(job.step, res, r.to_host)
+            assert d is not None  # perturbed roles (local, dual_first) always output loss_dot
             self._update(k, job.step, d)
         return job, res
 
@@ -334,6 +337,6 @@ def evaluate(runners: Sequence[ModuleRunner], x: np.ndarray) -> np.ndarray:
     """Logits from the eval graphs with the runners' weights (call the scheduler's ``flush()`` first)."""
     h, ready = x, None
     for r in runners:
-        res = r.run("eval", h, ready=ready)
+        res = r.run(c.EVAL, h, ready=ready)
         h, ready = (res.logits if r.is_last else res.y), res.ready
     return runners[-1].to_host(h)

@@ -83,6 +83,7 @@ class AlphaSchedule:
         if self.preset == "head-only":
             return 1.0 if is_last else 0.0
         if self.preset == "constant":
+            assert self.alphas is not None  # __post_init__: the 'constant' preset requires alphas
             if len(self.alphas) != num_modules:
                 raise ValueError(f"{len(self.alphas)} alphas given for {num_modules} modules")
             return self.alphas[module]

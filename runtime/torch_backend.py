@@ -1,6 +1,6 @@
 """torch backend: runs the exporter's dual programs directly as torch code (CPU or CUDA).
 
-It executes the very rules the ONNX graphs were emitted from (``exporter.graphs.run_module``
+It executes the very rules the ONNX graphs were emitted from (``dual.interpreter.run_module``
 with ``TorchOps``), so the scheduler can be checked bit for bit against the reference, and it
 is the GPU path that runs where TensorRT is not available. torch is imported only when this
 backend is chosen; the rest of the runtime never imports it.
@@ -18,16 +18,15 @@ from typing import Any
 import numpy as np
 
 from .artifacts import Artifacts
-from .backend import RunResult
+from .backend import RunResult, updated_stats
+from .dual.interpreter import GraphSpec, run_module
+from .dual.program import module_specs
+from .dual.torch_ops import TorchOps
 
 
 class TorchModuleRunner:
     def __init__(self, artifacts: Artifacts, index: int, tangents: int, device: str = "cpu") -> None:
         import torch
-
-        from asyncfgd.exporter.export import module_specs
-        from asyncfgd.exporter.graphs import GraphSpec, run_module
-        from asyncfgd.exporter.ops import TorchOps
 
         self.torch, self.xp = torch, torch
         info = artifacts.modules[index]
@@ -51,27 +50,26 @@ class TorchModuleRunner:
         self._on_cpu = on_cpu
         self.stream = None if on_cpu else torch.cuda.Stream(self.device)
         # an upload's event must complete before its pinned host buffer is refilled
-        self._uploaded = {"tangents": None, "scratch": None}
+        self._uploaded: dict[str, torch.cuda.Event | None] = {"tangents": None, "scratch": None}
 
     def run(self, role: str, x: Any, x_dot: Any = None, labels: Any = None, ready: Any = None) -> RunResult:
         torch = self.torch
         with torch.no_grad(), self.device_context():
             if ready is not None:
+                assert self.stream is not None  # ready events come only from runs on a CUDA stream
                 self.stream.wait_event(ready)
             x = self._as_tensor(x)
             x_dot = None if x_dot is None else self._as_tensor(x_dot)
             labels = None if labels is None else self._as_tensor(labels)
             out = self._run_module(self._ops, self._spec, self._graph(role), self.is_last, x, x_dot,
                                    self.params, self.tangents, self.buffers, labels)
-            for name, v in out.items():
-                if name.startswith("s_new."):
-                    self.buffers[name[6:]].copy_(v)
+            for stat, v in updated_stats(out):
+                self.buffers[stat].copy_(v)
             done = None
             if self.stream is not None:
                 done = torch.cuda.Event()
                 done.record(self.stream)
-        return RunResult(y=out.get("y"), y_dot=out.get("y_dot"), loss=out.get("loss"),
-                         loss_dot=out.get("loss_dot"), logits=out.get("logits"), ready=done)
+        return RunResult.of(out, ready=done)
 
     def device_context(self) -> Any:
         return contextlib.nullcontext() if self.stream is None else self.torch.cuda.stream(self.stream)
@@ -100,7 +98,7 @@ class TorchModuleRunner:
         if self._on_cpu:
             return
         with self.device_context():
-            for t, h in zip(dst.values(), host):
+            for t, h in zip(dst.values(), host, strict=False):
                 t.copy_(self.torch.from_numpy(h), non_blocking=True)
             ev = self.torch.cuda.Event()
             ev.record(self.stream)

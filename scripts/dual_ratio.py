@@ -6,7 +6,7 @@ For each zoo model at full width: export K modules, time every module's dual gra
 R such medians, taken in turns with the other role, to shed other processes' load), and sum
 over modules. Then
 profile both with ORT's profiler and list where the dual graphs' extra time goes, by op type.
-The FLOP floor of a weight-perturbed dual step is about 3x the forward (shared/TOOLCHAIN.md).
+The FLOP floor of a weight-perturbed dual step is about 3x the forward (y = Wx, then W·ẋ and U·x).
 
     python scripts/dual_ratio.py [--models resnet18,cnn] [--batch 64] [--threads 2] [--repeat 1] [--out r.json]
 """
@@ -26,6 +26,7 @@ import torch
 
 from asyncfgd.exporter.export import export_model
 from asyncfgd.exporter.models import build_model, model_spec
+from asyncfgd.runtime import contract as c
 from asyncfgd.runtime.artifacts import Artifacts, load_artifacts
 from asyncfgd.runtime.ort_backend import session_options
 
@@ -87,10 +88,10 @@ def measure(name: str, batch: int, threads: int, repeat: int, work: Path) -> dic
     export_model(model, work / name, shape, 10, modules=k, bn_mode="train", model_spec=model_spec(model))
     arts = load_artifacts(work / name)
     rng = np.random.default_rng(0)
-    total = {"dual": 0.0, "eval": 0.0}
-    ops = {"dual": collections.Counter(), "eval": collections.Counter()}
+    total = {c.DUAL: 0.0, c.EVAL: 0.0}
+    ops = {c.DUAL: collections.Counter(), c.EVAL: collections.Counter()}
     for info in arts.modules:
-        roles = {"dual": "dual" if info.index else "dual_first", "eval": "eval"}
+        roles = {c.DUAL: c.DUAL if info.index else c.DUAL_FIRST, c.EVAL: c.EVAL}
         sessions = {kind: _session(arts, info.index, role, threads) for kind, role in roles.items()}
         feeds = {kind: _feeds(sess, batch, rng) for kind, sess in sessions.items()}
         medians: dict[str, list[float]] = {kind: [] for kind in roles}
@@ -100,10 +101,11 @@ def measure(name: str, batch: int, threads: int, repeat: int, work: Path) -> dic
         for kind, role in roles.items():
             total[kind] += min(medians[kind])
             ops[kind] += _op_ms(_session(arts, info.index, role, threads, str(work / "prof")), feeds[kind])
-    extra = {op: ops["dual"][op] - ops["eval"][op] for op in ops["dual"] | ops["eval"]}
+    dual, ev = ops[c.DUAL], ops[c.EVAL]
+    extra = {op: dual[op] - ev[op] for op in dual | ev}
     return {"model": name, "input": list(shape), "modules": k, "batch": batch, "threads": threads,
-            "dual_ms": total["dual"], "eval_ms": total["eval"], "ratio": total["dual"] / total["eval"],
-            "dual_ops_ms": dict(ops["dual"].most_common()), "eval_ops_ms": dict(ops["eval"].most_common()),
+            "dual_ms": total[c.DUAL], "eval_ms": total[c.EVAL], "ratio": total[c.DUAL] / total[c.EVAL],
+            "dual_ops_ms": dict(dual.most_common()), "eval_ops_ms": dict(ev.most_common()),
             "extra_ops_ms": dict(sorted(extra.items(), key=lambda kv: -kv[1]))}
 
 

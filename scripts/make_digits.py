@@ -1,4 +1,4 @@
-"""Regenerate app/datasets/digits.npz from scikit-learn's copy of the UCI handwritten digits.
+"""Regenerate app/training/datasets/digits.npz from scikit-learn's copy of the UCI handwritten digits.
 
 Run once on a development machine (scikit-learn is not a runtime dependency). The split is
 stored in the file so that it never depends on the numpy version that loads it.
@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.datasets import load_digits
 
-from asyncfgd.app.data import stratified_split
+from asyncfgd.app.training.data import stratified_split
 
-OUT = Path(__file__).resolve().parents[1] / "app" / "datasets" / "digits.npz"
+OUT = Path(__file__).resolve().parents[1] / "app" / "training" / "datasets" / "digits.npz"
 
 
 def main() -> None:

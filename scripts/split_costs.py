@@ -20,17 +20,19 @@ import math
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from asyncfgd.app.bench_worker import synthetic_batch
-from asyncfgd.exporter.export import export_model, module_specs
+from asyncfgd.app.bench.throughput import synthetic_batch
+from asyncfgd.exporter.export import export_model
 from asyncfgd.exporter.models import build_model, model_spec
+from asyncfgd.runtime import contract as c
 from asyncfgd.runtime.artifacts import load_artifacts
 from asyncfgd.runtime.backend import ModuleRunner
+from asyncfgd.runtime.dual.program import module_specs
 from asyncfgd.runtime.engine import load_runners
 from asyncfgd.runtime.optim import Adam
 from asyncfgd.runtime.perturb import fill_tangents
@@ -61,10 +63,10 @@ def _modules(name: str, shape: tuple[int, int, int], cut: str, batch: int, runs:
     runners = load_runners(art, "onnxruntime", threads=1)
     x, labels = synthetic_batch(art.input_shape, art.num_classes, batch)
     y = np.eye(art.num_classes, dtype=np.float32)[labels]
-    first = runners[0].run("dual_first", x)
-    runs_of = (lambda: runners[0].run("dual_first", x), lambda: runners[1].run("dual", first.y, first.y_dot, y))
+    first = runners[0].run(c.DUAL_FIRST, x)
+    runs_of = (lambda: runners[0].run(c.DUAL_FIRST, x), lambda: runners[1].run(c.DUAL, first.y, first.y_dot, y))
     rows = []
-    for spec, run in zip(module_specs(manifest), runs_of):
+    for spec, run in zip(module_specs(manifest), runs_of, strict=False):
         macs = batch * spec.cost
         elements = batch * sum(math.prod(n.shape) for n in spec.nodes)
         rows.append((_median_s(run, runs), macs, elements))

@@ -22,8 +22,9 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from asyncfgd.app.data import load_dataset  # noqa: E402
-from asyncfgd.app.train import TrainConfig, resolve_artifacts, train  # noqa: E402
+from asyncfgd.app.training.config import TrainConfig
+from asyncfgd.app.training.data import load_dataset  # noqa: E402
+from asyncfgd.app.training.loop import resolve_artifacts, train  # noqa: E402
 
 MLP = TrainConfig(model="mlp", modules=2, method="asyncfgd", optimizer="adam", lr=1e-2, lr_schedule="cosine",
                   alpha_preset="uniform", tangents=8, epochs=50, threads=1)

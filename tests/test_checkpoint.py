@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from asyncfgd.app import checkpoint
-from asyncfgd.app.data import one_hot
+from asyncfgd.app.training import checkpoint
+from asyncfgd.app.training.data import one_hot
 from asyncfgd.exporter.export import export_model
 from asyncfgd.exporter.models import build_model, model_spec
 from asyncfgd.runtime.artifacts import load_artifacts

@@ -1,4 +1,4 @@
-"""Tests for asyncfgd.app.data: embedded digits, local-file formats and deterministic batching."""
+"""Tests for asyncfgd.app.training.data: embedded digits, local-file formats and deterministic batching."""
 import pickle
 import subprocess
 import sys
@@ -9,8 +9,16 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from asyncfgd.app.data import (ArrayDataset, BatchStream, DataError, _digits_raw, load_dataset,
-                               one_hot, split_validation, stratified_split)
+from asyncfgd.app.training.data import (
+    ArrayDataset,
+    BatchStream,
+    DataError,
+    _digits_raw,
+    load_dataset,
+    one_hot,
+    split_validation,
+    stratified_split,
+)
 
 
 def _raw(splits, ds, scale):
@@ -204,7 +212,7 @@ def test_unknown_spec_lists_valid_forms():
 
 
 def test_data_module_imports_neither_torch_nor_sklearn():
-    code = ("import sys, asyncfgd.app.data as d; d.load_dataset('digits'); "
+    code = ("import sys, asyncfgd.app.training.data as d; d.load_dataset('digits'); "
             "print(any(m.split('.')[0] in ('torch', 'sklearn') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -238,9 +246,9 @@ def test_batch_stream_deterministic_resumable_and_complete():
     first = list(stream.epoch(2))
     assert [len(y) for _, y in first] == [4, 4, 2]  # last partial batch kept
     again = list(BatchStream(ds, batch_size=4, seed=7).epoch(2))
-    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(first, again))
+    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(first, again, strict=False))
     resumed = list(stream.epoch(2, start=1))
-    assert len(resumed) == 2 and all(np.array_equal(a[0], b[0]) for a, b in zip(first[1:], resumed))
+    assert len(resumed) == 2 and all(np.array_equal(a[0], b[0]) for a, b in zip(first[1:], resumed, strict=False))
     seen = np.concatenate([x[:, 0, 0, 0] for x, _ in first]) / 64
     assert sorted(seen.tolist()) == list(range(10))  # every sample exactly once
     other = np.concatenate([x[:, 0, 0, 0] for x, _ in stream.epoch(3)]) / 64

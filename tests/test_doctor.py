@@ -6,9 +6,10 @@ import importlib.util
 import json
 
 import pytest
-from asyncfgd.app import doctor
-from asyncfgd.app.cli import app
 from typer.testing import CliRunner
+
+from asyncfgd.app.cli import app
+from asyncfgd.app.commands import doctor
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 

@@ -13,18 +13,19 @@ from torch import nn
 from typer.testing import CliRunner
 
 from asyncfgd.app.cli import app
-from asyncfgd.exporter import dual, rules
-from asyncfgd.exporter.dual import run_program
 from asyncfgd.exporter.export import export_model
-from asyncfgd.exporter.graphs import stat_names, weight_names
 from asyncfgd.exporter.models import build_model, model_spec
-from asyncfgd.exporter.ops import TorchOps
-from asyncfgd.exporter.program import UnsupportedLayerError, trace
 from asyncfgd.exporter.reference_modules import jvp_module, set_bn_training
-from asyncfgd.exporter.rules import RuleContext
-from asyncfgd.exporter.split import ModuleSpec, SplitError, split_program
+from asyncfgd.exporter.split import SplitError, split_program
+from asyncfgd.exporter.trace import UnsupportedLayerError, trace
 from asyncfgd.exporter.validate import NA_SINGLE_VALUE, _judge, _kink_samples, validate_artifacts
 from asyncfgd.runtime.artifacts import ArtifactError, load_artifacts
+from asyncfgd.runtime.dual import interpreter as dual
+from asyncfgd.runtime.dual import rules
+from asyncfgd.runtime.dual.interpreter import run_program
+from asyncfgd.runtime.dual.program import ModuleSpec, stat_names, weight_names
+from asyncfgd.runtime.dual.rules import RuleContext
+from asyncfgd.runtime.dual.torch_ops import TorchOps
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -212,7 +213,7 @@ def test_maxpool_tangent_takes_the_first_of_tied_maxima(pool):
     row-major window order, as torch's jvp picks it, in eager TorchOps and in the ONNX graph."""
     import onnxruntime as ort
 
-    from asyncfgd.exporter.ops import OnnxOps
+    from asyncfgd.exporter.onnx_ops import OnnxOps
 
     torch.manual_seed(0)
     m, shape = 2, (3, 8, 8)
@@ -246,7 +247,7 @@ def test_small_operand_is_expanded_over_short_spans(big, small, widened):
     slow short-span broadcast); the result is bit-identical to plain broadcasting."""
     import onnxruntime as ort
 
-    from asyncfgd.exporter.ops import OnnxOps
+    from asyncfgd.exporter.onnx_ops import OnnxOps
 
     ops = OnnxOps("widen")
     ops.output("y", ops.mul(ops.input("a", big), ops.input("b", small)))
@@ -265,7 +266,8 @@ def test_mask_after_mask_is_one_pass_over_the_tangents():
     of the two masks, and the graph's ẏ is bit-identical to the rules run eagerly (TorchOps)."""
     import onnxruntime as ort
 
-    from asyncfgd.exporter.graphs import GraphSpec, build_onnx
+    from asyncfgd.exporter.graphs import build_onnx
+    from asyncfgd.runtime.dual.interpreter import GraphSpec
 
     model = nn.Sequential(nn.ReLU(), nn.MaxPool2d(2))
     mod = ModuleSpec(0, trace(model, (3, 4, 4)), "input")
@@ -301,7 +303,7 @@ def test_dense_conv_is_the_convolution(ci, co, h, w, attrs):
     F.conv2d, and as an ONNX graph through ONNX Runtime against torch in float32."""
     import onnxruntime as ort
 
-    from asyncfgd.exporter.ops import OnnxOps
+    from asyncfgd.exporter.onnx_ops import OnnxOps
 
     attrs = {**attrs, "groups": 1}
     torch.manual_seed(0)

@@ -10,11 +10,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from asyncfgd.app import checkpoint
-from asyncfgd.app.artifact_cache import ExportOptions, export
 from asyncfgd.app.cli import app
-from asyncfgd.app.freeze import FreezeError, frozen_modules
-from asyncfgd.app.train import FgdLearner
+from asyncfgd.app.training import checkpoint
+from asyncfgd.app.training.artifact_cache import ExportOptions, export
+from asyncfgd.app.training.freeze import FreezeError, frozen_modules
+from asyncfgd.app.training.learners import FgdLearner
 from asyncfgd.exporter.models import build_model, load_weights
 from asyncfgd.runtime.artifacts import load_artifacts
 

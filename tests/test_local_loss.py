@@ -4,10 +4,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from asyncfgd.exporter.export import export_model, module_specs
+from asyncfgd.exporter.export import export_model
 from asyncfgd.exporter.models import build_model, model_spec
 from asyncfgd.exporter.reference_modules import segment_fn, set_bn_training
 from asyncfgd.runtime.artifacts import load_artifacts
+from asyncfgd.runtime.dual.program import module_specs
 from asyncfgd.runtime.engine import load_runners
 
 
@@ -36,7 +37,7 @@ def test_local_loss_derivative_matches_jvp(tmp_path):
     y_int = torch.from_numpy(labels)
 
     def local_loss(*ws):
-        p = dict(zip(names, ws))
+        p = dict(zip(names, ws, strict=False))
         h = seg(torch.from_numpy(x).double(), p, None).mean(dim=(2, 3))
         z = torch.func.functional_call(head, {"weight": p["aux0.fc.weight"], "bias": p["aux0.fc.bias"]}, (h,))
         return torch.nn.functional.cross_entropy(z, y_int)
@@ -44,7 +45,8 @@ def test_local_loss_derivative_matches_jvp(tmp_path):
     loss, dloss = torch.func.jvp(local_loss, tuple(w.values()), tuple(u.values()))
     params = [t.clone().requires_grad_() for t in w.values()]
     g = torch.autograd.grad(local_loss(*params), params)
-    scale = sum(float((gi * ui).abs().sum()) for gi, ui in zip(g, u.values()))
+    scale = sum(float((gi * ui).abs().sum()) for gi, ui in zip(g, u.values(), strict=False))
     assert abs(float(out.loss) - float(loss)) <= 1e-5 * abs(float(loss))
     assert abs(float(out.loss_dot[0]) - float(dloss)) <= 1e-4 * scale
-    assert abs(float(dloss) - sum(float((gi * ui).sum()) for gi, ui in zip(g, u.values()))) <= 1e-9 * scale
+    assert abs(float(dloss) - sum(float((gi * ui).sum())
+                                  for gi, ui in zip(g, u.values(), strict=False))) <= 1e-9 * scale

@@ -272,7 +272,8 @@ def test_load_weights_errors(tmp_path):
 
     other = tmp_path / "mobilenet.pth"
     torch.save(_build("mobilenetv2", (3, 32, 32)).state_dict(), other)
-    with pytest.raises(ValueError, match=r"missing keys \[bn1.bias, .*\(\+115 more\)\]; unexpected keys \[classifier.1.bias"):
+    with pytest.raises(ValueError,
+                       match=r"missing keys \[bn1.bias, .*\(\+115 more\)\]; unexpected keys \[classifier.1.bias"):
         load_weights(model, other, 10)
 
     wide = tmp_path / "wide.pth"

@@ -110,7 +110,9 @@ def test_adam_first_step_is_lr_times_sign():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_clip_norm_matches_torch(backend):
     big = [{k: 50 * v for k, v in g.items()} for g in GRADS[:5]]
-    make = lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, foreach=False)
+    def make(p):
+        return torch.optim.SGD(p, lr=0.05, momentum=0.9, foreach=False)
+
     ref = torch_reference(make, big, clip=1.0)
     got = run("momentum", BACKENDS[backend], dict(lr=0.05, clip_norm=1.0), big)
     assert max_rel_err(got, ref) <= 1e-6
@@ -249,7 +251,7 @@ def test_normalize_rejects_bad_decay():
 def _flat_copy(host_arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     from asyncfgd.runtime.buffers import flat_views
 
-    views = dict(zip(host_arrays, flat_views([a.shape for a in host_arrays.values()])))
+    views = dict(zip(host_arrays, flat_views([a.shape for a in host_arrays.values()]), strict=False))
     for k, v in views.items():
         v[...] = host_arrays[k]
     return views

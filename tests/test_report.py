@@ -7,8 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from asyncfgd.app.cli import app
-from asyncfgd.app.report import PRETRAINED, Result, Setting
-from asyncfgd.app.report_render import BEGIN, END, acc_within, acceptance, fmt, table, write_doc
+from asyncfgd.app.report.render import BEGIN, END, acc_within, acceptance, fmt, table, write_doc
+from asyncfgd.app.report.run import PRETRAINED, Result, Setting
 
 
 def _hist(*points: tuple[float, float]) -> list[dict[str, float]]:

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from asyncfgd.app.data import one_hot
-from asyncfgd.exporter.export import export_model, module_specs
+from asyncfgd.app.training.data import one_hot
+from asyncfgd.exporter.export import export_model
 from asyncfgd.exporter.models import build_model, model_spec
 from asyncfgd.exporter.reference import run_reference
 from asyncfgd.runtime.artifacts import load_artifacts
+from asyncfgd.runtime.dual.program import module_specs
 from asyncfgd.runtime.engine import load_runners, make_scheduler
 from asyncfgd.runtime.perturb import fill_tangents
 from asyncfgd.runtime.scheduler import Perturbation
@@ -26,7 +27,7 @@ STEPS = 30
 LR = 0.01
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _exported(name: str, K: int, bn: str, tmp_root: str) -> tuple[torch.nn.Module, str]:
     torch.manual_seed(0)
     model = build_model(name, 10, SHAPE)
@@ -123,11 +124,12 @@ def _weight_tolerance(ref, outs, opt: str, alpha=_alpha, seed: int = 3) -> float
         return total + rounding
     rho = max(float(np.abs(o.loss_dot - ref.loss_dot[o.step]).max() / np.abs(ref.loss_dot[o.step]).max())
               for o in outs)
-    steps = [max(float((b[n] - a[n]).abs().max()) for n in a) for a, b in zip(ref.history, ref.history[1:])]
+    steps = [max(float((b[n] - a[n]).abs().max()) for n in a)
+             for a, b in zip(ref.history, ref.history[1:], strict=False)]
     return 2 * rho * sum(steps) + rounding
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _max_tangent_cached(shapes: tuple, step: int, seed: int) -> float:
     out = 0.0
     for k, mod_shapes in enumerate(shapes):
@@ -147,7 +149,7 @@ def _backend_param(name: str):
     if name == "torch-cuda" and not torch.cuda.is_available():
         reason = "no CUDA GPU on this machine"
     if name == "tensorrt":
-        from asyncfgd.runtime.trt_env import BackendUnavailable, load_trt
+        from asyncfgd.runtime.trt.env import BackendUnavailable, load_trt
         try:
             load_trt()
         except BackendUnavailable as exc:
@@ -173,7 +175,8 @@ def test_runtime_matches_jvp_reference(tmp_root, name, bn, K, opt, method, backe
     ref = _reference(model, d, method, opt, bn, batches)
     for o in outs:
         scale = ref.loss_dot_scale[o.step]
-        assert np.all(np.abs(o.loss_dot - ref.loss_dot[o.step]) <= 1e-4 * scale), (o.step, o.loss_dot, ref.loss_dot[o.step])
+        assert np.all(np.abs(o.loss_dot - ref.loss_dot[o.step]) <= 1e-4 * scale), (
+            o.step, o.loss_dot, ref.loss_dot[o.step])
     tol = _weight_tolerance(ref, outs, opt)
     err = max(float(np.abs(w - ref.params[n].numpy()).max()) for n, w in weights.items())
     assert err <= tol, (err, tol)
@@ -208,7 +211,8 @@ def test_asyncfgd_is_deterministic_under_thread_jitter(tmp_root):
     results = []
     for seed in (1, 2, 3):
         rng = random.Random(seed)
-        _, w, stats = _run_runtime(d, "asyncfgd", "adam", "onnxruntime", batches, wrap=lambda r: _Jitter(r, rng))
+        _, w, stats = _run_runtime(d, "asyncfgd", "adam", "onnxruntime", batches,
+                                   wrap=lambda r, rng=rng: _Jitter(r, rng))
         results.append((w, stats))
     for w, stats in results[1:]:
         for n in w:
@@ -266,7 +270,8 @@ def test_forward_gradient_is_unbiased_and_alpha_scales_it(tmp_path):
         n_tangents += out.loss_dot.shape[0]
     model.double()
     loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(x).double()), torch.from_numpy(y))
-    grads = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()))))
+    grads = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters())),
+                     strict=False))
     est = np.concatenate([sums[n].ravel() / n_tangents for n in sums])
     true = np.concatenate([grads[n].numpy().ravel() * alphas[k] ** 2
                            for k, r in enumerate(runners) for n in r.params])
@@ -287,7 +292,7 @@ import asyncfgd.runtime
 from asyncfgd.runtime.artifacts import load_artifacts
 from asyncfgd.runtime.engine import load_runners, make_scheduler
 from asyncfgd.runtime.scheduler import Perturbation, evaluate
-from asyncfgd.app.data import one_hot
+from asyncfgd.app.training.data import one_hot
 art = load_artifacts({str(d)!r})
 runners = load_runners(art, "onnxruntime", threads=1)
 sch = make_scheduler(runners, "asyncfgd", "adam", lambda s: 1e-3, lambda k, s: 1.0, Perturbation(seed=0))

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from asyncfgd.exporter.models import build_model
-from asyncfgd.exporter.program import trace
 from asyncfgd.exporter.split import SplitError, StepCost, cut_points, split_program
+from asyncfgd.exporter.trace import trace
 
 
 def _program(name: str, shape: tuple[int, ...], **cfg):

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from asyncfgd.app import sweep as sweep_mod
-from asyncfgd.app.artifact_cache import ExportOptions, export
 from asyncfgd.app.cli import app
-from asyncfgd.app.data import load_dataset
-from asyncfgd.app.train import TrainConfig, TrainError, run_data
+from asyncfgd.app.training import sweep as sweep_mod
+from asyncfgd.app.training.artifact_cache import ExportOptions, export
+from asyncfgd.app.training.config import TrainConfig, TrainError
+from asyncfgd.app.training.data import load_dataset
+from asyncfgd.app.training.loop import run_data
 
 TINY = ["--batch-size", "128", "--epochs", "1"]  # 12 mini-batches per digits epoch
 

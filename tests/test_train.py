@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import csv
-import json
 import errno
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -19,11 +20,11 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from asyncfgd.app import checkpoint, metrics
-from asyncfgd.app import train as train_mod
-from asyncfgd.app.artifact_cache import ExportOptions, cached_artifacts, export
 from asyncfgd.app.cli import app
-from asyncfgd.app.data import BatchStream, load_dataset
+from asyncfgd.app.training import checkpoint, learners, metrics
+from asyncfgd.app.training.artifact_cache import ExportOptions, cached_artifacts, export
+from asyncfgd.app.training.config import TrainConfig
+from asyncfgd.app.training.data import BatchStream, load_dataset
 from asyncfgd.exporter.models import build_model
 from asyncfgd.runtime.artifacts import load_artifacts
 from asyncfgd.runtime.engine import load_runners
@@ -103,15 +104,15 @@ def test_tangent_copies_are_kept_when_they_fit_the_budget(art: Path, uninterrupt
     of its 64·16 + 16 weights) when they fit STORE_TANGENTS_BUDGET; explicit flags and sync FGD win."""
     arts = load_artifacts(art)
     size = 2 * 2 * 4 * (64 * 16 + 16)
-    assert train_mod.stored_tangent_bytes(arts) == size
-    cfg = train_mod.TrainConfig()
-    assert cfg.store_tangents is None and train_mod.store_tangents(cfg, arts)
+    assert learners.stored_tangent_bytes(arts) == size
+    cfg = TrainConfig()
+    assert cfg.store_tangents is None and learners.store_tangents(cfg, arts)
     assert json.loads((uninterrupted / "config.json").read_text())["store_tangents"] is True
-    assert not train_mod.store_tangents(train_mod.TrainConfig(method="fgd"), arts)
-    assert not train_mod.store_tangents(train_mod.TrainConfig(store_tangents=False), arts)
-    monkeypatch.setattr(train_mod, "STORE_TANGENTS_BUDGET", size - 1)
-    assert not train_mod.store_tangents(cfg, arts)
-    assert train_mod.store_tangents(train_mod.TrainConfig(store_tangents=True), arts)
+    assert not learners.store_tangents(TrainConfig(method="fgd"), arts)
+    assert not learners.store_tangents(TrainConfig(store_tangents=False), arts)
+    monkeypatch.setattr(learners, "STORE_TANGENTS_BUDGET", size - 1)
+    assert not learners.store_tangents(cfg, arts)
+    assert learners.store_tangents(TrainConfig(store_tangents=True), arts)
 
 
 def test_final_line_reports_test_accuracy(art: Path, tmp_path: Path):
@@ -122,28 +123,44 @@ def test_final_line_reports_test_accuracy(art: Path, tmp_path: Path):
     assert float(last[15:-1]) == pytest.approx(100 * float(_rows(tmp_path / "r")[-1]["test_acc"]), abs=0.05)
 
 
-def test_sigkill_mid_epoch_then_resume_is_bit_identical(art: Path, uninterrupted: Path, tmp_path: Path):
+KILL_EPOCHS = 8  # the killed run is long enough (~45 steps an epoch) to be killed well before its end
+
+
+def test_sigkill_mid_run_then_resume_is_bit_identical(art: Path, tmp_path: Path):
+    """kill -9 from outside as soon as the first checkpoint exists; the resumed run must repeat the
+    uninterrupted one bit for bit."""
+    args = lambda d: [*_args(art, d), "--epochs", str(KILL_EPOCHS), "--batch-size", "32"]  # noqa: E731
+    straight = tmp_path / "straight"
+    assert _invoke(args(straight)).exit_code == 0
     run_dir = tmp_path / "killed"
-    kill_at = STEPS_PER_EPOCH + 5  # mid-epoch 2, after the first checkpoint
     # a real process, without torch: the device-side path (ONNX Runtime) must not import it
     code = "import sys; sys.modules['torch'] = None; from asyncfgd.app.cli import main; main()"
-    env = {**os.environ, train_mod.KILL_ENV: str(kill_at), "TQDM_DISABLE": "1"}
-    proc = subprocess.run([sys.executable, "-c", code, *_args(art, run_dir)], env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    proc = subprocess.Popen([sys.executable, "-c", code, *args(run_dir)], env={**os.environ, "TQDM_DISABLE": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / checkpoint.FILENAME).exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        proc.kill()
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL, err  # killed, not finished or failed
     arrays, meta = checkpoint.load(run_dir / checkpoint.FILENAME)
-    assert meta["position"] == {"epoch": 1, "batch": 0} and len(meta["history"]) == 1
-    assert any(k.startswith("flight/") for k in arrays)  # the in-flight mini-batch was saved, not drained
+    assert 1 <= len(meta["history"]) < KILL_EPOCHS, meta["history"]  # after a checkpoint, before the end
+    assert any(k.startswith("flight/") for k in arrays)  # the in-flight mini-batches were saved, not drained
 
     result = _invoke(["train", "--resume", str(run_dir)])
     assert result.exit_code == 0, result.output
-    _assert_same_run(run_dir, uninterrupted)
+    _assert_same_run(run_dir, straight)
 
 
 def test_ctrl_c_saves_mid_epoch_and_resume_is_bit_identical(art: Path, uninterrupted: Path, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch):
     run_dir = tmp_path / "interrupted"
-    feed, calls = train_mod.FgdLearner.feed, []
+    feed, calls = learners.FgdLearner.feed, []
 
     def feed_then_ctrl_c(self, x, y):
         calls.append(1)
@@ -151,7 +168,7 @@ def test_ctrl_c_saves_mid_epoch_and_resume_is_bit_identical(art: Path, uninterru
             os.kill(os.getpid(), signal.SIGINT)  # handled between mini-batches: save and exit 130
         return feed(self, x, y)
 
-    monkeypatch.setattr(train_mod.FgdLearner, "feed", feed_then_ctrl_c)
+    monkeypatch.setattr(learners.FgdLearner, "feed", feed_then_ctrl_c)
     result = _invoke(_args(art, run_dir))
     assert result.exit_code == 130
     assert f"asyncfgd-app train --resume {run_dir}" in result.output and "Traceback" not in result.output
@@ -322,7 +339,7 @@ def test_defaults_in_help_config_and_readme_agree():
     assert len(documented) >= 12
     command = next(c for c in typer.main.get_command(app).commands.values() if c.name == "train")
     params = {p.name: p for p in command.params}
-    config = train_mod.TrainConfig()
+    config = TrainConfig()
     names = {f.name for f in fields(config)}
     for option, value in documented.items():
         name = option.replace("-", "_")

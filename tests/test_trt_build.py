@@ -6,7 +6,8 @@ import importlib.util
 import json
 
 import pytest
-from asyncfgd.runtime.trt_build import (
+
+from asyncfgd.runtime.trt.build import (
     BuildKey,
     batch_profile,
     build_engines,
@@ -20,7 +21,7 @@ from asyncfgd.runtime.trt_build import (
     select_graphs,
     stale_reason,
 )
-from asyncfgd.runtime.trt_env import BackendUnavailable
+from asyncfgd.runtime.trt.env import BackendUnavailable
 
 KEY = BuildKey("ab" * 32, "10.3.0", "Orin", "fp32", (1, 32, 64))
 

@@ -1,0 +1,95 @@
+"""Analytic memory of each training method, from an artifact manifest's program shapes.
+
+The bench prints these bytes next to the measured peaks (minus the measured import baseline),
+with the measured/predicted ratio, so that a user can predict a bigger model or batch from a
+small measurement: the ratio carries what the model leaves out (framework temporaries, arena
+rounding), the formulas carry how memory scales.
+
+- backprop: weights + gradients + optimizer state + every layer's output for the whole batch
+  (what autograd saves for the backward pass) + the input batch;
+- forward: weights + the widest point of one forward pass + the input batch;
+- fgd (sync): weights + m tangents + optimizer state + the widest point of ONE module's dual
+  pass (every live value and its m tangents) + the module boundaries + the input batch;
+- asyncfgd: the same, but all K modules run at once (their widest points add up), each module
+  boundary holds a double-buffered (h, ḣ) pair, and every module but the last holds m
+  re-created tangents (``scratch``, which also holds its gradient: runtime/ort_backend.py).
+
+"Widest point" is a liveness count over the program: at each layer, the values computed
+earlier and still to be read (residual skips included) plus the layer's output. A module's
+input and output are not counted there; they are the boundary buffers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from asyncfgd.runtime.artifacts import F32, param_numel
+
+OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2}
+KINDS = {"forward": "forward", "bp-torch": "backprop", "bp-ort": "backprop", "fgd-torch": "fgd", "fgd": "fgd",
+         "asyncfgd": "asyncfgd"}
+
+
+@dataclass
+class Prediction:
+    """Bytes by component; ``total`` is what the method must hold at its peak."""
+
+    parts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def mb(self) -> dict[str, float]:
+        return {k: v / 2**20 for k, v in self.parts.items()}
+
+
+def _numel(shape: list[int]) -> int:
+    return math.prod(int(d) for d in shape)
+
+
+def widest_point(module: dict[str, Any]) -> int:
+    """Elements per sample live at the module's widest layer (its input and output excluded)."""
+    nodes = module["program"]
+    last_use = {v: i for i, n in enumerate(nodes) for v in n["inputs"]}
+    output = nodes[-1]["name"]
+    peak = 0
+    for i, node in enumerate(nodes):
+        live = [n for n in nodes[:i] if last_use.get(n["name"], -1) >= i and n["name"] != output]
+        out = 0 if node["name"] == output else _numel(node["shape"])
+        peak = max(peak, out + sum(_numel(n["shape"]) for n in live))
+    return peak
+
+
+def saved_activations(modules: list[dict[str, Any]]) -> int:
+    """Elements per sample of every layer's output (the tensors backprop keeps until backward)."""
+    return sum(_numel(n["shape"]) for m in modules for n in m["program"])
+
+
+def predict(manifest: dict[str, Any], method: str, batch: int, optimizer: str = "adam") -> Prediction:
+    """Bytes ``method`` must hold for one training step on ``batch`` samples of this split."""
+    if method not in KINDS:
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(KINDS)}")
+    modules, m = manifest["modules"], int(manifest["tangents"])
+    weights = sum(param_numel(mod) for mod in modules) * F32
+    state = OPTIMIZER_STATES[optimizer] * weights
+    parts = {"weights": weights, "input batch": _numel(modules[0]["in_shape"]) * batch * F32}
+    kind = KINDS[method]
+    if kind == "forward":
+        parts["activations"] = max(widest_point(mod) for mod in modules) * batch * F32
+        return Prediction(parts)
+    if kind == "backprop":
+        parts.update({"gradients": weights, "optimizer state": state,
+                      "saved activations": saved_activations(modules) * batch * F32})
+        return Prediction(parts)
+    dual = (1 + m) * batch * F32  # bytes per element of a value and its m tangents
+    widest = [widest_point(mod) * dual for mod in modules]
+    parts.update({
+        "tangents": m * weights,
+        "optimizer state": state,
+        "scratch (re-created tangents, gradients)": sum(m * param_numel(mod) for mod in modules[:-1]) * F32,
+        "module boundaries (h, ḣ) x2": sum(2 * _numel(mod["out_shape"]) for mod in modules[:-1]) * dual,
+        "activations": sum(widest) if kind == "asyncfgd" else max(widest),
+    })
+    return Prediction(parts)

@@ -1,0 +1,1 @@
+"""The typer commands, one module each; they parse options and report errors, nothing more."""

@@ -1,0 +1,105 @@
+"""`asyncfgd-app export`: make an artifact directory (`validate` checks it).
+
+Every mistake a user can make on the command line (unknown model, impossible split, a layer
+without a dual rule, a malformed shape, a missing weights file) ends in a one-paragraph
+message on stderr and exit code 2, never a traceback: the exporter's exceptions already
+say what went wrong and what would work.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from asyncfgd.app.commands.common import fail, parse_config, parse_ints
+from asyncfgd.runtime.artifacts import param_numel
+
+
+def _summary(manifest: dict[str, Any], out: Path) -> str:
+    """One line per module: layers, parameter count, dual cost, files."""
+    rows = [("module", "layers", "params", "dual MFLOP/sample", "files")]
+    for m in manifest["modules"]:
+        files = [out / g["file"] for g in m["graphs"].values()]
+        size = sum(f.stat().st_size for f in files) / 1e6
+        params = param_numel(m)
+        rows.append((str(m["index"]), f"{m['layers'][0]} .. {m['layers'][-1]}", f"{params:,}",
+                     f"{m['cost_flops'] / 1e6:.2f}", f"{len(files)} ({size:.2f} MB)"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `export` command to the CLI."""
+
+    @app.command()
+    def export(
+        model: str = typer.Option(..., "--model", help="Zoo model: mlp, cnn, resnet18, resnet18-imagenet, "
+                                  "mobilenetv2."),
+        out: Path = typer.Option(..., "--out", help="Artifact directory to write (created if missing)."),
+        num_classes: int = typer.Option(..., "--num-classes", help="Number of classes of the classifier head."),
+        input_shape: str = typer.Option(..., "--input-shape", help="Input C,H,W of one sample, e.g. 3,32,32."),
+        modules: int | None = typer.Option(None, "--modules", help="Split into K pipeline modules balanced by "
+                                              "step cost (default 1). Exclusive with --split."),
+        balance_batch: int = typer.Option(64, "--balance-batch", help="Training batch size --modules balances "
+                                          "for: a module's step is batch x dual FLOPs plus per-weight work "
+                                          "(tangent draws, update) that does not shrink with the batch, so "
+                                          "small batches move cuts towards weight-heavy layers. Layers with "
+                                          "two exact graph forms also pick the faster one for this batch "
+                                          "(manifest tuned_batch, docs/artifacts.md); any batch still runs."),
+        split: str | None = typer.Option(None, "--split", help="Comma-separated layer or block names, each "
+                                            "starting a new module (e.g. layer2,layer4). Exclusive with --modules."),
+        weights: Path | None = typer.Option(None, "--weights", help="Local torchvision-format state_dict (.pth) "
+                                               "to start from; a head of another class count is kept fresh."),
+        bn: str = typer.Option("train", "--bn", help="BatchNorm in the dual/forward graphs: 'train' (batch "
+                               "statistics, updated running stats as outputs) or 'frozen' (running stats)."),
+        tangents: int = typer.Option(1, "--tangents", help="Weight tangents M per pass (leading dim of u.* inputs)."),
+        config: list[str] = typer.Option([], "--config", help="Model option key=value, repeatable (e.g. width=8, "
+                                         "hidden=256,128, width_mult=0.5)."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the weight initialisation."),
+    ) -> None:
+        """Export a zoo model as forward-mode dual ONNX graphs (docs/artifacts.md)."""
+        import torch
+        from tqdm import tqdm
+
+        from asyncfgd.exporter.export import BN_MODES, export_model
+        from asyncfgd.exporter.models import build_model, load_weights, model_spec
+        from asyncfgd.runtime.dual.interpreter import module_roles
+        from asyncfgd.runtime.dual.program import ModuleSpec
+
+        if modules is not None and split:
+            fail("give either --modules K or --split a,b, not both")
+        if modules is not None and modules < 1:
+            fail(f"--modules must be at least 1, got {modules}")
+        if balance_batch < 1:
+            fail(f"--balance-batch must be at least 1, got {balance_batch}")
+        if bn not in BN_MODES:
+            fail(f"--bn must be one of {', '.join(BN_MODES)}, got {bn!r}")
+        shape = tuple(parse_ints(input_shape, "--input-shape", "3,32,32", 3))
+        cuts = [s.strip() for s in split.split(",") if s.strip()] if split else None
+        k = len(cuts) + 1 if cuts else (modules or 1)
+        try:
+            torch.manual_seed(seed)
+            net = build_model(model, num_classes, shape, **parse_config(config))
+            if weights is not None:
+                for note in load_weights(net, weights, num_classes):
+                    typer.echo(f"note: {note}")
+            graphs = sum(len(module_roles(ModuleSpec(i, [], "input"))) for i in range(k))
+            with tqdm(total=graphs, unit="graph", file=sys.stderr) as bar:
+                started = []  # a disabled bar (TQDM_DISABLE) keeps no description to test instead
+
+                def progress(what: str) -> None:  # called as each graph starts: the previous one is done
+                    if started:
+                        bar.update()
+                    started.append(what)
+                    bar.set_description(what)
+
+                manifest = export_model(net, out, shape, num_classes, modules=modules, split_at=cuts,
+                                        bn_mode=bn, tangents=tangents, model_spec=model_spec(net),
+                                        balance_batch=balance_batch, progress=progress)
+                bar.update()
+        except (ValueError, OSError) as exc:  # incl. SplitError, UnsupportedLayerError, a missing --weights
+            fail(str(exc))
+        typer.echo(_summary(manifest, out))
+        typer.echo(f"wrote {out} (check it with `asyncfgd-app validate {out}`)")

@@ -1,0 +1,180 @@
+"""`asyncfgd-app train`: option parsing and error reporting only.
+
+The options are train_options.py's aliases; `sweep` and `pretrain` declare the ones they pass
+through with the same aliases and turn them into a TrainConfig with ``new_config``.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import fields, replace
+from pathlib import Path
+
+import typer
+
+from asyncfgd.app.commands.common import INTERRUPTED, USER_ERRORS, fail, parse_config
+from asyncfgd.app.commands.train_options import (
+    AUTO,
+    AlphaPresetOpt,
+    AlphaRampEpochsOpt,
+    AlphasOpt,
+    AlphaTargetOpt,
+    AlphaValueOpt,
+    AlphaWarmEpochsOpt,
+    ArtifactsOpt,
+    AugmentOpt,
+    BackendOpt,
+    BatchSizeOpt,
+    BnOpt,
+    ClipNormOpt,
+    ConfigOpt,
+    D,
+    DataOpt,
+    EpochsOpt,
+    FreezeUntilOpt,
+    LrOpt,
+    LrScheduleOpt,
+    MethodOpt,
+    ModelOpt,
+    ModulesOpt,
+    NormalizeOpt,
+    OptimizerOpt,
+    ResumeOpt,
+    RunDirOpt,
+    SeedOpt,
+    SplitOpt,
+    StoreTangentsOpt,
+    TangentModeOpt,
+    TangentsOpt,
+    ThreadsOpt,
+    ValidationOpt,
+    WeightDecayOpt,
+    WeightsOpt,
+)
+from asyncfgd.app.training.config import Interrupted, TrainConfig, saved_config
+from asyncfgd.app.training.loop import train
+
+EXPORT_OPTIONS = ("model", "modules", "split", "bn", "weights", "config", "tangents")
+
+
+def _explicit(ctx: typer.Context, names: tuple[str, ...] | list[str]) -> list[str]:
+    """Which of ``names`` were given on the command line (not left at their defaults)."""
+    return [n for n in names if getattr(ctx.get_parameter_source(n), "name", None) == "COMMANDLINE"]
+
+
+def _floats(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        fail(f"--alphas expects comma-separated numbers such as 1,0.15, got {text!r}")
+
+
+def _flags(names: list[str]) -> str:
+    return ", ".join("--" + n.replace("_", "-") for n in names)
+
+
+def _resumed_config(ctx: typer.Context, run_dir: Path) -> TrainConfig:
+    """The saved configuration; only --epochs may be changed on resume."""
+    extra = [n for n in _explicit(ctx, list(ctx.params)) if n not in ("resume", "epochs")]
+    if extra:
+        fail(f"--resume continues a run with its saved settings; remove {_flags(extra)} "
+             f"(only --epochs may change).")
+    cfg = saved_config(run_dir)
+    epochs = ctx.params["epochs"] if _explicit(ctx, ["epochs"]) else cfg.epochs
+    return replace(cfg, run_dir=str(run_dir), epochs=epochs)
+
+
+def new_config(ctx: typer.Context) -> TrainConfig:
+    """TrainConfig from the options (same names), converting the few that are parsed strings or paths.
+
+    Commands whose options are a subset of train's (`sweep`, `pretrain`) use it too: what they lack
+    keeps TrainConfig's default, and ``--lr auto`` leaves the default for the sweep to replace.
+    """
+    p = ctx.params
+    if p["artifacts"] is not None and _explicit(ctx, EXPORT_OPTIONS):
+        fail(f"--artifacts already fixes how the model was exported; remove "
+             f"{_flags(_explicit(ctx, EXPORT_OPTIONS))} or drop --artifacts.")
+    name = p["artifacts"].name if p["artifacts"] is not None else p["model"]
+    run_dir = p.get("run_dir") or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{p.get('method', D.method)}"
+    lr = p.get("lr", D.lr)
+    return TrainConfig(**{**{f.name: p[f.name] for f in fields(TrainConfig) if f.name in p},
+                          "lr": D.lr if lr == AUTO else lr,
+                          "artifacts": str(p["artifacts"]) if p["artifacts"] else None,
+                          "split": p["split"].split(",") if p["split"] else None,
+                          "weights": str(p["weights"]) if p["weights"] else None,
+                          "config": parse_config(p["config"]), "alphas": _floats(p.get("alphas")),
+                          "run_dir": str(run_dir)})
+
+
+def train_cmd(
+    ctx: typer.Context,
+    artifacts: ArtifactsOpt = None,
+    model: ModelOpt = D.model,
+    modules: ModulesOpt = D.modules,
+    split: SplitOpt = None,
+    bn: BnOpt = D.bn,
+    weights: WeightsOpt = None,
+    config: ConfigOpt = None,
+    data: DataOpt = D.data,
+    method: MethodOpt = D.method,
+    backend: BackendOpt = D.backend,
+    optimizer: OptimizerOpt = D.optimizer,
+    lr: LrOpt = D.lr,
+    lr_schedule: LrScheduleOpt = D.lr_schedule,
+    weight_decay: WeightDecayOpt = D.weight_decay,
+    normalize: NormalizeOpt = None,
+    clip_norm: ClipNormOpt = None,
+    epochs: EpochsOpt = D.epochs,
+    batch_size: BatchSizeOpt = D.batch_size,
+    alpha_preset: AlphaPresetOpt = D.alpha_preset,
+    alpha_value: AlphaValueOpt = D.alpha_value,
+    alpha_warm_epochs: AlphaWarmEpochsOpt = D.alpha_warm_epochs,
+    alpha_ramp_epochs: AlphaRampEpochsOpt = D.alpha_ramp_epochs,
+    alpha_target: AlphaTargetOpt = D.alpha_target,
+    alphas: AlphasOpt = None,
+    tangents: TangentsOpt = D.tangents,
+    tangent_mode: TangentModeOpt = D.tangent_mode,
+    store_tangents: StoreTangentsOpt = D.store_tangents,
+    seed: SeedOpt = D.seed,
+    threads: ThreadsOpt = D.threads,
+    augment: AugmentOpt = D.augment,
+    validation: ValidationOpt = D.validation,
+    freeze_until: FreezeUntilOpt = None,
+    run_dir: RunDirOpt = None,
+    resume: ResumeOpt = None,
+) -> None:
+    """Train with forward gradients (or the backprop baseline); writes a run directory with metrics and
+    checkpoints."""
+    try:
+        # the options are read from ctx.params: they have the names of TrainConfig's fields
+        cfg = _resumed_config(ctx, resume) if resume is not None else new_config(ctx)
+        typer.echo(f"run directory: {cfg.run_dir}")
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    run_reported(cfg, lr == AUTO, lambda c: train(c, resume=resume is not None, log=typer.echo))
+
+
+def run_reported(cfg: TrainConfig, auto_lr: bool, job: Callable[[TrainConfig], float]) -> TrainConfig:
+    """Pick the learning rate first when asked (`--lr auto`), run ``job``, turn every user-facing failure into
+    a one-paragraph message and exit code, and end with the accuracy line. Returns the config actually used."""
+    try:
+        if auto_lr:
+            from asyncfgd.app.training.sweep import auto_lr as sweep_lr
+
+            cfg = sweep_lr(cfg, log=typer.echo)
+        acc = job(cfg)
+    except Interrupted as exc:
+        fail(str(exc), INTERRUPTED)
+    except KeyboardInterrupt:
+        fail("interrupted before training started; nothing was saved.", INTERRUPTED)
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    typer.echo(f"{'validation' if cfg.validation > 0 else 'test'} accuracy: {100 * acc:.1f}%")
+    return cfg
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `train` command to the CLI."""
+    app.command("train")(train_cmd)

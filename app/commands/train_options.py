@@ -1,0 +1,142 @@
+"""train's options as typer ``Annotated`` aliases: `train`, `sweep` and `pretrain` declare the ones
+they take with them, so an option's name, checks and help are written once. Defaults stay in the
+commands' signatures (TrainConfig's, ``D``), where a command may give its own."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from asyncfgd.app.training.config import TrainConfig
+from asyncfgd.app.training.learners import STORE_TANGENTS_BUDGET
+from asyncfgd.runtime.contract import BN_MODES
+from asyncfgd.runtime.engine import BACKENDS, METHODS
+from asyncfgd.runtime.optim import OPTIMIZERS
+from asyncfgd.runtime.perturb import MODES
+from asyncfgd.runtime.schedules import ALPHA_PRESETS, LR_KINDS
+
+D = TrainConfig()  # the defaults, in one place
+AUTO = "auto"
+
+
+def _lr(value: str) -> float | str:
+    """``--lr``: a non-negative number, or ``auto`` (a learning-rate sweep picks it)."""
+    if value == AUTO:
+        return value
+    try:
+        lr = float(value)
+    except ValueError:
+        lr = -1.0
+    if not lr >= 0:
+        raise typer.BadParameter(f"expected a number >= 0 such as 1e-3, or 'auto', got {value!r}")
+    return lr
+
+
+ArtifactsOpt = Annotated[Path | None, typer.Option(
+    "--artifacts", help="Artifact directory from `asyncfgd-app export`. Use it to train exactly what "
+    "you exported (e.g. on a device without torch). Without it, --model is exported on the fly and cached.")]
+ModelOpt = Annotated[str, typer.Option(
+    help="Zoo model to export on the fly: mlp, cnn, resnet18, resnet18-imagenet, mobilenetv2. "
+    "mlp/cnn suit digits; the ResNet/MobileNet suit 32x32 image datasets.")]
+ModulesOpt = Annotated[int, typer.Option(
+    min=1, help="Pipeline modules K (AsyncFGD runs them concurrently; "
+    "module k lags K-1-k steps). More modules = more overlap but staler updates.")]
+SplitOpt = Annotated[str | None, typer.Option(
+    help="Cut before these layers instead of balancing K by FLOPs, "
+    "e.g. layers.2 or layer2,layer4.")]
+BnOpt = Annotated[Literal[BN_MODES], typer.Option(
+    help="BatchNorm during training: train (batch statistics) or "
+    "frozen (running statistics, e.g. when fine-tuning pretrained weights).")]
+WeightsOpt = Annotated[Path | None, typer.Option(
+    help="Local torchvision-format state_dict to start from "
+    "(fine-tuning); a head of another size is re-initialised.")]
+ConfigOpt = Annotated[list[str] | None, typer.Option(
+    "--config", help="Model option KEY=VALUE, repeatable, e.g. "
+    "hidden=256,128 (mlp), channels=16,32 (cnn), width=32 (resnet18).")]
+DataOpt = Annotated[str, typer.Option(
+    help="Dataset: digits, digits-transfer, digits-transfer-pretrain, "
+    "cifar10:PATH, svhn:PATH, imagefolder:PATH[:SIZE].")]
+MethodOpt = Annotated[Literal[(*METHODS, "bp")], typer.Option(
+    help="asyncfgd: pipelined forward gradients (the product); fgd: synchronous forward gradients "
+    "(no staleness, no overlap); local: experimental, each module learns from its own auxiliary head; bp: "
+    "PyTorch backprop on the same model and data, as a baseline.")]
+BackendOpt = Annotated[Literal[BACKENDS], typer.Option(
+    help="Where FGD runs: onnxruntime (CPU, no torch "
+    "needed), torch / torch-cuda, tensorrt (Jetson).")]
+OptimizerOpt = Annotated[Literal[OPTIMIZERS], typer.Option(
+    help="adam copes best with the noisy forward gradient; sgd/momentum need a smaller --lr "
+    "(e.g. 1e-3).")]
+LrOpt = Annotated[str, typer.Option(
+    callback=_lr, help="Base learning rate (lower it 10x if the loss becomes NaN), or 'auto': "
+    "first a short sweep (`asyncfgd-app sweep`: 1e-5..1e-2, up to 10 epochs each, on a validation split of the "
+    "train set) picks it; config.json records the choice and the sweep's directory.")]
+LrScheduleOpt = Annotated[Literal[LR_KINDS], typer.Option(
+    help="constant; cosine (decays to 0 at the end); step (10x lower at 1/3 and 2/3).")]
+WeightDecayOpt = Annotated[float, typer.Option(
+    min=0.0, help="L2 penalty added to the gradient.")]
+NormalizeOpt = Annotated[float | None, typer.Option(
+    min=0.0, max=0.9999, help="Variance reduction for FGD methods: divide each module's gradient estimate "
+    "by the running RMS of its estimates (this decay, e.g. 0.99). Makes SGD step sizes independent of the noise "
+    "level; costs one extra pass over the gradient per step. Adam already normalises per element.")]
+ClipNormOpt = Annotated[float | None, typer.Option(
+    help="Clip each module's gradient estimate to this L2 "
+    "norm; use it against rare huge steps (or NaN losses).")]
+EpochsOpt = Annotated[int, typer.Option(
+    min=0, help="Passes over the training set (may be changed on --resume). "
+    "0: only evaluate the starting weights, e.g. pretrained ones before fine-tuning.")]
+BatchSizeOpt = Annotated[int, typer.Option(
+    min=1, help="Mini-batch size.")]
+AlphaPresetOpt = Annotated[Literal[ALPHA_PRESETS], typer.Option(
+    help="Per-module tangent scale alpha (0 freezes a module and removes its noise). "
+    "uniform: --alpha-value on every module (best on the small zoo models with many tangents); paper: "
+    "head-first, the head module alone for --alpha-warm-epochs, then the others ramp to --alpha-target "
+    "(try it when the body has far more weights than the head and few tangents are affordable); "
+    "head-only: only the last module learns; constant: --alphas.")]
+AlphaValueOpt = Annotated[float, typer.Option(
+    min=0.0, help="alpha of every module for uniform.")]
+AlphaWarmEpochsOpt = Annotated[float, typer.Option(
+    min=0.0, help="paper: epochs with only the "
+    "head module learning.")]
+AlphaRampEpochsOpt = Annotated[float, typer.Option(
+    min=0.0, help="paper: epochs of linear ramp "
+    "of the other modules' alpha.")]
+AlphaTargetOpt = Annotated[float, typer.Option(
+    min=0.0, help="paper: the other modules' final alpha "
+    "(small: their forward-gradient noise is large).")]
+AlphasOpt = Annotated[str | None, typer.Option(
+    help="constant: one alpha per module, e.g. 0.15,1.")]
+TangentsOpt = Annotated[int, typer.Option(
+    min=1, help="Tangents per forward pass (exported into the "
+    "graphs): the gradient noise falls as 1/M for M times the tangent compute. "
+    "The main lever on accuracy; lower it to train faster.")]
+TangentModeOpt = Annotated[Literal[MODES], typer.Option(
+    help="Tangent distribution; orthogonal makes "
+    "several tangents per pass cover distinct directions.")]
+StoreTangentsOpt = Annotated[bool | None, typer.Option(
+    "--store-tangents/--no-store-tangents", show_default=False,
+    help="Keep tangents until their delayed update instead of regenerating them from the seed (more memory, "
+    "less compute; the weights are identical either way). Default: keep them when the copies fit in "
+    f"{STORE_TANGENTS_BUDGET >> 20} MiB.")]
+SeedOpt = Annotated[int, typer.Option(
+    min=0, help="Seed of the initial weights, data order and tangents.")]
+ThreadsOpt = Annotated[int, typer.Option(
+    min=0, help="Threads per module (ONNX Runtime intra-op, or torch). "
+    "1 suits small models, whose K modules already run concurrently; for large "
+    "ones try cores / K. 0: the runtime's own choice.")]
+AugmentOpt = Annotated[bool, typer.Option(
+    help="Random crops (and flips where labels allow them).")]
+ValidationOpt = Annotated[float, typer.Option(
+    min=0.0, max=0.9, help="Hold out this stratified fraction of "
+    "the train set, train on the rest and evaluate on it instead of the test set "
+    "(metrics columns val_loss/val_acc): for tuning without touching the test set.")]
+FreezeUntilOpt = Annotated[str | None, typer.Option(
+    help="Keep the pipeline modules up to and including the one that holds this layer (or block, e.g. "
+    "flatten, features.1) frozen: alpha 0 whatever --alpha-preset says, so they run forward only and never "
+    "update; with --method bp their parameters get no gradient. For fine-tuning: freeze the pretrained body "
+    "and cut it from the head with --split HEAD_LAYER.")]
+RunDirOpt = Annotated[Path | None, typer.Option(
+    help="Output directory (default: runs/TIME-MODEL-METHOD).")]
+ResumeOpt = Annotated[Path | None, typer.Option(
+    help="Continue the run in this directory from its last "
+    "checkpoint, with its saved settings (only --epochs may change).")]

@@ -1,0 +1,91 @@
+"""What determines a run (``TrainConfig``, saved in config.json and every checkpoint), and the
+errors a run reports to the user."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from asyncfgd.app.training import checkpoint
+from asyncfgd.runtime.schedules import AlphaSchedule, lr_at
+
+
+class TrainError(Exception):
+    """The run cannot start or continue as configured; the message says what to change."""
+
+
+class Diverged(TrainError):
+    """The loss became NaN/inf (a learning-rate sweep counts this as a lost candidate, not an error)."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C: a checkpoint was saved at the current batch."""
+
+    def __init__(self, run_dir: Path, epoch: int, batch: int) -> None:
+        super().__init__(f"interrupted in epoch {epoch + 1} at batch {batch}; a checkpoint was saved in {run_dir}. "
+                         f"Continue with `asyncfgd-app train --resume {run_dir}`.")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a run (written to ``config.json`` and into every checkpoint).
+
+    The defaults are the winner of scripts/sweep_defaults.py on digits (docs/convergence.md):
+    32 tangents per pass and alpha = 1 on both modules, Adam with a cosine decay, 100 epochs.
+    """
+
+    artifacts: str | None = None
+    model: str = "mlp"
+    modules: int = 2
+    split: list[str] | None = None
+    bn: str = "train"
+    weights: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    data: str = "digits"
+    method: str = "asyncfgd"
+    backend: str = "onnxruntime"
+    optimizer: str = "adam"
+    lr: float = 1e-2
+    lr_schedule: str = "cosine"
+    weight_decay: float = 0.0
+    clip_norm: float | None = None
+    normalize: float | None = None
+    epochs: int = 100
+    batch_size: int = 64
+    alpha_preset: str = "uniform"
+    alpha_value: float = 1.0
+    alpha_warm_epochs: float = 10.0
+    alpha_ramp_epochs: float = 5.0
+    alpha_target: float = 0.15
+    alphas: list[float] | None = None
+    tangents: int = 32
+    tangent_mode: str = "gaussian"
+    store_tangents: bool | None = None  # None: store when the copies fit in STORE_TANGENTS_BUDGET
+    seed: int = 0
+    threads: int = 1
+    augment: bool = False
+    validation: float = 0.0  # > 0: evaluate on this fraction of the train set, train on the rest
+    freeze_until: str | None = None  # modules up to the one holding this layer get alpha 0 (and bp freezes them)
+    lr_sweep: str | None = None  # the sweep directory whose winner is ``lr`` (train --lr auto)
+    run_dir: str = ""
+
+    def alpha_schedule(self) -> AlphaSchedule:
+        return AlphaSchedule(self.alpha_preset, self.alpha_value, self.alpha_warm_epochs, self.alpha_ramp_epochs,
+                             self.alpha_target, tuple(self.alphas) if self.alphas is not None else None)
+
+    def lr_fn(self, steps_per_epoch: int) -> Callable[[int], float]:
+        """Learning rate by step; ``step`` decays 10x at one and two thirds of training."""
+        total = max(self.epochs * steps_per_epoch, 1)  # --epochs 0 builds a learner that never steps
+        step_size = max(math.ceil(total / 3), 1)
+        return lambda s: lr_at(self.lr_schedule, self.lr, s, total, step_size=step_size)
+
+    def optimizer_kw(self) -> dict[str, Any]:
+        return {"weight_decay": self.weight_decay, "clip_norm": self.clip_norm, "normalize": self.normalize}
+
+
+def saved_config(run_dir: Path) -> TrainConfig:
+    """The configuration of the run in ``run_dir``, from its checkpoint (for --resume)."""
+    _, meta = checkpoint.load(run_dir / checkpoint.FILENAME)
+    return TrainConfig(**meta["config"])

@@ -1,0 +1,108 @@
+"""Learners: what the training loop trains. The FGD runtime (sync FGD or the AsyncFGD pipeline over
+the artifact graphs) or, for comparison, PyTorch autograd on the same model (bp.py)."""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+from asyncfgd.app.training import checkpoint
+from asyncfgd.app.training.config import TrainConfig
+from asyncfgd.app.training.freeze import frozen_modules
+from asyncfgd.runtime.artifacts import F32, Artifacts, param_numel
+from asyncfgd.runtime.engine import load_runners, make_scheduler
+from asyncfgd.runtime.scheduler import Perturbation, StepOutcome, evaluate
+
+
+class Learner(Protocol):
+    """What the loop trains: the FGD runtime or the autograd baseline."""
+
+    def feed(self, x: np.ndarray, onehot: np.ndarray) -> list[StepOutcome]:
+        """Train on one mini-batch; returns the steps whose loss became known."""
+        ...
+
+    def finish(self) -> list[StepOutcome]:
+        """Apply every pending update (end of training)."""
+        ...
+
+    def evaluate(self, x: np.ndarray) -> np.ndarray:
+        """Logits with the current weights, BatchNorm on running statistics."""
+        ...
+
+    def state(self) -> tuple[checkpoint.Arrays, dict[str, Any]]:
+        ...
+
+    def load_state(self, arrays: checkpoint.Arrays, meta: dict[str, Any]) -> None:
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+#: with --store-tangents unset, AsyncFGD keeps its delayed tangents when the copies take at most this
+STORE_TANGENTS_BUDGET = 64 << 20  # bytes
+
+
+def store_tangents(cfg: TrainConfig, arts: Artifacts) -> bool:
+    """--store-tangents as given, or when unset: keep each delayed module's tangents until its update
+    if all the copies fit in STORE_TANGENTS_BUDGET. The weights come out bit-identical either way;
+    regenerating costs a second draw per step (the MLP's default run: 10% of its training time),
+    storing costs (K − k) copies of module k's m tangents (the MLP's: 2 MB)."""
+    if cfg.store_tangents is not None:
+        return cfg.store_tangents
+    return cfg.method == "asyncfgd" and copies_fit(arts)
+
+
+def copies_fit(arts: Artifacts) -> bool:
+    """Whether AsyncFGD's tangent copies fit in STORE_TANGENTS_BUDGET (the default of storing them)."""
+    return stored_tangent_bytes(arts) <= STORE_TANGENTS_BUDGET
+
+
+def stored_tangent_bytes(arts: Artifacts) -> int:
+    """Memory of AsyncFGD's tangent copies: module k (delay K−1−k) keeps K − k steps of m tangents."""
+    K = len(arts.modules)
+    return sum((K - k) * arts.tangents * F32 * param_numel(mod.raw) for k, mod in enumerate(arts.modules) if k < K - 1)
+
+
+class FgdLearner:
+    """Sync FGD or AsyncFGD on the runtime (ONNX Runtime or torch backend)."""
+
+    def __init__(self, arts: Artifacts, cfg: TrainConfig, steps_per_epoch: int) -> None:
+        self.runners = load_runners(arts, cfg.backend, cfg.threads or None)
+        schedule, K = cfg.alpha_schedule(), len(self.runners)
+        schedule.alpha(K - 1, K, 0.0)  # a wrong number of --alphas fails here, before training
+        frozen = frozen_modules(arts.modules, cfg.freeze_until)
+
+        def alpha(module: int, step: int) -> float:
+            return 0.0 if module < frozen else schedule.alpha(module, K, step / steps_per_epoch)
+
+        self.scheduler = make_scheduler(self.runners, cfg.method, cfg.optimizer, cfg.lr_fn(steps_per_epoch), alpha,
+                                        Perturbation(cfg.seed, cfg.tangent_mode, store_tangents(cfg, arts)),
+                                        cfg.optimizer_kw())
+
+    def feed(self, x: np.ndarray, onehot: np.ndarray) -> list[StepOutcome]:
+        return self.scheduler.feed(x, onehot)
+
+    def finish(self) -> list[StepOutcome]:
+        return self.scheduler.drain()
+
+    def evaluate(self, x: np.ndarray) -> np.ndarray:
+        self.scheduler.flush()
+        return evaluate(self.runners, x)
+
+    def state(self) -> tuple[checkpoint.Arrays, dict[str, Any]]:
+        return checkpoint.runtime_state(self.runners, self.scheduler)
+
+    def load_state(self, arrays: checkpoint.Arrays, meta: dict[str, Any]) -> None:
+        checkpoint.restore_runtime_state(arrays, meta, self.runners, self.scheduler)
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+
+def make_learner(arts: Artifacts, cfg: TrainConfig, steps_per_epoch: int) -> Learner:
+    if cfg.method == "bp":
+        from asyncfgd.app.training.bp import BpLearner  # imports torch
+
+        return BpLearner(arts, cfg, steps_per_epoch)
+    return FgdLearner(arts, cfg, steps_per_epoch)

@@ -1,0 +1,255 @@
+"""The training loop behind `asyncfgd-app train`: data stream, learner, metrics, checkpoints.
+
+The loop only feeds mini-batches to a learner (learners.py), collects losses, evaluates once per
+epoch and checkpoints.
+
+Resumability: batches are a pure function of (seed, epoch, batch index), tangents of (seed,
+step, module), schedules of the step; the checkpoint holds everything else (weights, BN
+statistics, optimizer states, the pipeline's in-flight mini-batches), so a resumed run repeats
+the uninterrupted one bit for bit.
+
+``--validation F`` evaluates on a stratified fraction F carved off the training set (and trains on
+the rest), for choosing hyper-parameters without looking at the test set; the metrics columns are
+then ``val_loss``/``val_acc``. ``--epochs 0`` only evaluates the starting weights (e.g. pretrained
+ones before fine-tuning).
+"""
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from asyncfgd.app.training import checkpoint, metrics
+from asyncfgd.app.training.artifact_cache import ExportOptions, cached_artifacts
+from asyncfgd.app.training.config import Diverged, Interrupted, TrainConfig, TrainError
+from asyncfgd.app.training.data import ArrayDataset, BatchStream, DatasetSplits, load_dataset, one_hot, split_validation
+from asyncfgd.app.training.freeze import freeze_note, frozen_modules
+from asyncfgd.app.training.learners import Learner, make_learner, store_tangents
+from asyncfgd.runtime.artifacts import Artifacts, load_artifacts
+from asyncfgd.runtime.engine import LOCAL_METHOD
+from asyncfgd.runtime.scheduler import NonFiniteLoss
+
+EVAL_CHUNK = 512
+#: curves.png is redrawn after an epoch only if this long has passed (a redraw costs ~0.2 s), and at the end
+PLOT_EVERY_S = 10.0
+
+
+def check_fit(arts: Artifacts, data: DatasetSplits) -> None:
+    """Artifacts exported for other inputs or another number of classes cannot train on ``data``."""
+    problems = []
+    if tuple(arts.input_shape) != tuple(data.input_shape):
+        problems.append(f"input shape {tuple(arts.input_shape)} vs {tuple(data.input_shape)}")
+    if arts.num_classes != data.num_classes:
+        problems.append(f"{arts.num_classes} classes vs {data.num_classes}")
+    if problems:
+        name = arts.manifest["model"]["name"]
+        raise TrainError(
+            f"the artifacts in {arts.root} do not fit dataset {data.name}: {'; '.join(problems)} (artifacts vs "
+            f"data). Re-export for this dataset: `asyncfgd-app export --model {name} --num-classes "
+            f"{data.num_classes} --input-shape {','.join(map(str, data.input_shape))} --out DIR` (with your other "
+            f"export options), or train with `--model {name}` instead of --artifacts to export on the fly.")
+
+
+def resolve_artifacts(cfg: TrainConfig, data: DatasetSplits) -> Artifacts:
+    """``--artifacts DIR`` as given, or the cached export of ``--model`` for this dataset."""
+    if cfg.artifacts:
+        directory = Path(cfg.artifacts)
+    else:
+        directory = cached_artifacts(ExportOptions(
+            cfg.model, data.num_classes, tuple(data.input_shape), cfg.modules,
+            tuple(cfg.split) if cfg.split else None, cfg.bn, cfg.tangents, cfg.seed, cfg.weights, cfg.config,
+            local_heads=cfg.method == LOCAL_METHOD, balance_batch=cfg.batch_size))
+    arts = load_artifacts(directory)
+    check_fit(arts, data)
+    return arts
+
+
+@dataclass
+class RunData:
+    """What a run trains on and what it evaluates on after every epoch."""
+
+    train: ArrayDataset
+    eval: ArrayDataset
+    eval_name: str  # "test", or "val" for a split carved off the train set: the metrics columns' prefix
+    num_classes: int
+
+
+def run_data(cfg: TrainConfig, data: DatasetSplits) -> RunData:
+    """The test set, or with ``cfg.validation`` a stratified validation split (fixed by the seed)."""
+    if cfg.validation <= 0:
+        return RunData(data.train, data.test, "test", data.num_classes)
+    if cfg.validation >= 1:
+        raise TrainError(f"--validation is the fraction of the train set held out for evaluation, in (0, 1); "
+                         f"got {cfg.validation}.")
+    kept, held = split_validation(data.train, cfg.validation, cfg.seed)
+    return RunData(kept, held, "val", data.num_classes)
+
+
+def evaluate_split(learner: Learner, ds: ArrayDataset) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) on a whole split, in chunks to bound memory."""
+    logits = np.concatenate([learner.evaluate(ds.images[i:i + EVAL_CHUNK]) for i in range(0, len(ds), EVAL_CHUNK)])
+    return metrics.cross_entropy(logits, ds.labels), metrics.correct(logits, ds.labels) / len(ds)
+
+
+@dataclass
+class Progress:
+    """Where the run stands; saved in every checkpoint."""
+
+    epoch: int = 0
+    batch: int = 0
+    stats: metrics.EpochStats = field(default_factory=metrics.EpochStats)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    @property
+    def finished_epochs(self) -> int:
+        return len(self.history)
+
+
+class _SigintFlag:
+    """Turns Ctrl-C into a flag the loop checks between mini-batches (never mid-update)."""
+
+    def __enter__(self) -> _SigintFlag:
+        self.raised = False
+        self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, *_: Any) -> None:
+        self.raised = True
+
+    def __exit__(self, *_: Any) -> None:
+        signal.signal(signal.SIGINT, self._old)
+
+
+def _save(run_dir: Path, cfg: TrainConfig, model_spec: dict[str, Any], learner: Learner, progress: Progress) -> None:
+    arrays, learner_meta = learner.state()
+    checkpoint.save(run_dir / checkpoint.FILENAME, arrays, checkpoint.stamp({
+        "config": asdict(cfg), "model_spec": model_spec, "learner": learner_meta,
+        "position": {"epoch": progress.epoch, "batch": progress.batch}, "stats": progress.stats.to_dict(),
+        "history": progress.history, "elapsed_s": progress.elapsed_s}))
+
+
+def _restore(run_dir: Path, learner: Learner) -> Progress:
+    arrays, meta = checkpoint.load(run_dir / checkpoint.FILENAME)
+    learner.load_state(arrays, meta["learner"])
+    pos = meta["position"]
+    return Progress(pos["epoch"], pos["batch"], metrics.EpochStats(**meta["stats"]), meta["history"],
+                    meta["elapsed_s"])
+
+
+def _write_config(run_dir: Path, cfg: TrainConfig, arts: Artifacts, data: DatasetSplits, rd: RunData,
+                  steps: int) -> None:
+    resolved = {**asdict(cfg), "store_tangents": store_tangents(cfg, arts), "artifacts_dir": str(arts.root),
+                "model_spec": arts.manifest["model"],
+                "num_modules": len(arts.modules), "artifact_tangents": arts.tangents, "bn_mode": arts.bn_mode,
+                "frozen_modules": frozen_modules(arts.modules, cfg.freeze_until),
+                "dataset": {"name": data.name, "train": len(rd.train), rd.eval_name: len(rd.eval),
+                            "evaluated_on": "validation" if rd.eval_name == "val" else "test"},
+                "steps_per_epoch": steps, "total_steps": steps * cfg.epochs}
+    (run_dir / "config.json").write_text(json.dumps(resolved, indent=1) + "\n")
+
+
+def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = print, bars: bool = True) -> float:
+    """Run (or continue) training; returns the final accuracy on the evaluation split (test or validation).
+
+    ``bars=False`` hides the per-epoch progress bars (runs in parallel would garble the terminal).
+    """
+    run_dir = Path(cfg.run_dir)
+    if not resume and (run_dir / checkpoint.FILENAME).exists():
+        raise TrainError(f"{run_dir} already holds a run; continue it with `--resume {run_dir}` or pick another "
+                         f"--run-dir.")
+    data = load_dataset(cfg.data)
+    rd = run_data(cfg, data)
+    arts = resolve_artifacts(cfg, data)
+    note = freeze_note(arts.modules, cfg.freeze_until)  # an unknown layer fails here, before any output
+    stream = BatchStream(rd.train, cfg.batch_size, cfg.seed, shuffle=True, augment=cfg.augment)
+    steps = len(stream)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_config(run_dir, cfg, arts, data, rd, steps)
+    if note:
+        log(note)
+    learner = make_learner(arts, cfg, steps)
+    try:
+        if cfg.epochs == 0 and not resume:
+            return _evaluate_only(run_dir, rd, learner, log)
+        progress = _restore(run_dir, learner) if resume else Progress()
+        if progress.finished_epochs >= cfg.epochs:
+            log(f"{run_dir} has finished its {cfg.epochs} epochs already (extend it with --epochs).")
+        else:
+            _loop(cfg, run_dir, rd, stream, learner, progress, log, arts.manifest["model"], bars)
+        return progress.history[-1][f"{rd.eval_name}_acc"]
+    except NonFiniteLoss as exc:
+        kept = (f"the last good checkpoint (after epoch {progress.finished_epochs}) in {run_dir} is kept"
+                if (run_dir / checkpoint.FILENAME).exists() else "no checkpoint had been written yet")
+        raise Diverged(f"training diverged: {exc}. No update was applied for that step and {kept}. Lower the "
+                         f"learning rate, e.g. by 10x (--lr {cfg.lr / 10:g}), or bound each update with --clip-norm "
+                         f"(e.g. 1.0), and start a new run.") from None
+    finally:
+        learner.close()
+
+
+def _evaluate_only(run_dir: Path, rd: RunData, learner: Learner, log: Callable[[str], None]) -> float:
+    """``--epochs 0``: one metrics row (epoch 0, no training columns) for the starting weights; no checkpoint."""
+    loss, acc = evaluate_split(learner, rd.eval)
+    nan = float("nan")
+    row = {"epoch": 0, "train_loss": nan, "train_acc": nan, f"{rd.eval_name}_loss": round(loss, 6),
+           f"{rd.eval_name}_acc": round(acc, 6), "samples_per_s": 0.0, "wall_s": 0.0,
+           "peak_rss_mb": round(metrics.peak_rss_mb(), 1)}
+    metrics.write_csv(run_dir / "metrics.csv", [row], rd.eval_name)
+    log(f"epoch 0 (starting weights, no training): {rd.eval_name} loss {loss:.4f} acc {acc:.1%}")
+    return acc
+
+
+def _loop(cfg: TrainConfig, run_dir: Path, rd: RunData, stream: BatchStream, learner: Learner,
+          progress: Progress, log: Callable[[str], None], model_spec: dict[str, Any], bars: bool) -> None:
+    started = time.perf_counter() - progress.elapsed_s
+    plotted = time.perf_counter()
+    with _SigintFlag() as sigint:
+        for epoch in range(progress.epoch, cfg.epochs):
+            stats = progress.stats
+            bar = tqdm(total=len(stream), initial=progress.batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       unit="batch", leave=False, dynamic_ncols=True, disable=not bars)
+            tick = time.perf_counter()
+            for i, (x, y) in enumerate(stream.epoch(epoch, progress.batch), start=progress.batch):
+                for out in learner.feed(x, one_hot(y, rd.num_classes)):
+                    stats.add(out.loss, out.logits, out.labels)
+                stats.fed += len(y)
+                now = time.perf_counter()
+                stats.seconds, tick = stats.seconds + now - tick, now
+                bar.update()
+                bar.set_postfix({"loss": f"{stats.loss:.3f}", "acc": f"{stats.acc:.1%}",
+                                 "samples/s": f"{stats.samples_per_s:.0f}"}, refresh=False)
+                if sigint.raised:
+                    bar.close()
+                    progress.epoch, progress.batch = epoch, i + 1
+                    progress.elapsed_s = time.perf_counter() - started
+                    _save(run_dir, cfg, model_spec, learner, progress)
+                    raise Interrupted(run_dir, epoch, i + 1)
+            bar.close()
+            last = epoch == cfg.epochs - 1
+            if last:
+                for out in learner.finish():
+                    stats.add(out.loss, out.logits, out.labels)
+            eval_loss, eval_acc = evaluate_split(learner, rd.eval)
+            progress.elapsed_s = time.perf_counter() - started
+            progress.history.append({
+                "epoch": epoch + 1, "train_loss": round(stats.loss, 6), "train_acc": round(stats.acc, 6),
+                f"{rd.eval_name}_loss": round(eval_loss, 6), f"{rd.eval_name}_acc": round(eval_acc, 6),
+                "samples_per_s": round(stats.samples_per_s, 1), "wall_s": round(progress.elapsed_s, 3),
+                "peak_rss_mb": round(metrics.peak_rss_mb(), 1)})
+            progress.epoch, progress.batch, progress.stats = epoch + 1, 0, metrics.EpochStats()
+            _save(run_dir, cfg, model_spec, learner, progress)
+            metrics.write_csv(run_dir / "metrics.csv", progress.history, rd.eval_name)
+            if last or time.perf_counter() - plotted > PLOT_EVERY_S:
+                metrics.plot(run_dir / "curves.png", progress.history, f"{model_spec['name']} - {cfg.method}",
+                             rd.eval_name)
+                plotted = time.perf_counter()
+            log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats.loss:.4f} acc {stats.acc:.1%} | {rd.eval_name} "
+                f"loss {eval_loss:.4f} acc {eval_acc:.1%} | {stats.samples_per_s:.0f} samples/s")

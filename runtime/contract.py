@@ -1,0 +1,81 @@
+"""The artifact directory's names (docs/artifacts.md): the one place the exporter and every
+backend take them from, so a graph written by one side is always read by the other.
+
+An artifact directory holds ``manifest.json``, ``weights.npz`` and one ONNX graph per (module,
+role). A graph's tensors are named by role: inputs ``x``, ``x_dot``, ``labels`` and one per
+weight, weight tangent and BatchNorm statistic (``w.<name>``, ``u.<name>``, ``s.<name>``);
+outputs ``y``, ``y_dot`` or ``loss``, ``loss_dot``, ``logits``, and ``s_new.<name>`` for the
+statistics a training-mode BatchNorm updates.
+"""
+from __future__ import annotations
+
+FORMAT = "asyncfgd-artifacts"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+OPSET = 17
+BN_MODES = ("train", "frozen")  # BatchNorm in training: batch statistics, or running ones
+MANIFEST = "manifest.json"
+WEIGHTS_FILE = "weights.npz"
+
+# Graph roles. dual: (x, x_dot, w, u[, labels]) -> (y, y_dot) | (loss, loss_dot, logits);
+# dual_first: the same with a zero input tangent (no x_dot); forward: the training-mode primal
+# (frozen modules); eval: the inference-mode primal (BatchNorm on running statistics); local: a
+# non-last module with an auxiliary head, (x, w, u, labels) -> (y, loss, loss_dot, logits).
+DUAL = "dual"
+DUAL_FIRST = "dual_first"
+FORWARD = "forward"
+EVAL = "eval"
+LOCAL = "local"
+ROLES = (DUAL, DUAL_FIRST, FORWARD, EVAL)  # every module's roles (the first has no DUAL)
+TANGENT_ROLES = (DUAL, DUAL_FIRST, LOCAL)
+
+# Graph inputs and outputs.
+X = "x"
+X_DOT = "x_dot"
+LABELS = "labels"
+Y = "y"
+Y_DOT = "y_dot"
+LOSS = "loss"
+LOSS_DOT = "loss_dot"
+LOGITS = "logits"
+OUTPUTS = (Y, Y_DOT, LOSS, LOSS_DOT, LOGITS)
+
+# Per-tensor prefixes.
+WEIGHT = "w."
+TANGENT = "u."
+STAT = "s."
+STAT_NEW = "s_new."
+PREFIXES = (WEIGHT, TANGENT, STAT, STAT_NEW)
+
+
+def graph_file(index: int, role: str) -> str:
+    return f"module{index}.{role}.onnx"
+
+
+def weight_input(name: str) -> str:
+    return WEIGHT + name
+
+
+def tangent_input(name: str) -> str:
+    return TANGENT + name
+
+
+def stat_input(name: str) -> str:
+    return STAT + name
+
+
+def stat_output(name: str) -> str:
+    return STAT_NEW + name
+
+
+def updated_stat(output: str) -> str | None:
+    """The BatchNorm statistic a graph output updates (``s_new.<name>`` -> name), else None."""
+    return output[len(STAT_NEW):] if output.startswith(STAT_NEW) else None
+
+
+def split_input(name: str) -> tuple[str, str]:
+    """A per-tensor graph input's (prefix, tensor name); ("", name) for x, x_dot and labels."""
+    for prefix in (WEIGHT, TANGENT, STAT):
+        if name.startswith(prefix):
+            return prefix, name[len(prefix):]
+    return "", name

@@ -1,0 +1,128 @@
+"""Run one module's program with the dual rules, on any op set (torch eager or the ONNX builder).
+
+``run_module`` is one graph role's whole computation, returned by output name (the artifact
+contract, runtime/contract.py); ``run_program`` interprets the layer nodes under it.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from .. import contract as c
+from .ops import Ops
+from .program import ModuleSpec, Node, weight_names
+from .rules import RULES, RuleContext, conv_bn_from_data, cross_entropy, pays_to_fold, swap_major
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """What one graph computes: which role, how many tangents, and the BatchNorm mode."""
+
+    role: str
+    m: int
+    bn_mode: str  # "train" | "frozen"
+    batch: int = 64  # the mini-batch size cost-based graph forms are chosen for (rules.RuleContext)
+
+    @property
+    def dual(self) -> bool:
+        return self.role in c.TANGENT_ROLES
+
+    @property
+    def bn_train(self) -> bool:
+        return self.bn_mode == "train" and self.role != c.EVAL
+
+    def context(self) -> RuleContext:
+        return RuleContext(m=self.m, dual=self.dual, bn_train=self.bn_train, batch=self.batch)
+
+
+def module_roles(mod: ModuleSpec) -> tuple[str, ...]:
+    """The first module's input is data, whose tangent is always zero: it has no ``dual`` role."""
+    roles = c.ROLES[1:] if mod.index == 0 else c.ROLES
+    return (*roles, c.LOCAL) if mod.aux else roles
+
+
+def graph_weight_names(mod: ModuleSpec, spec: GraphSpec) -> list[str]:
+    """Weights a graph takes: the module's, plus its auxiliary head's in the local role."""
+    return weight_names(mod.nodes + (mod.aux if spec.role == c.LOCAL else []))
+
+
+def run_module(ops: Ops, mod: ModuleSpec, spec: GraphSpec, is_last: bool, x: Any, x_dot: Any,
+               params: dict[str, Any], tangents: dict[str, Any], stats: dict[str, Any],
+               labels: Any = None) -> dict[str, Any]:
+    """One graph's computation, returned by output name."""
+    ctx = spec.context()
+    y, yd, new_stats = run_program(ops, mod.nodes, mod.input, x, x_dot if spec.role == c.DUAL else None,
+                                   params, tangents if spec.dual else {}, stats, ctx)
+    out: dict[str, Any] = {}
+    if spec.dual and yd is None:  # a module with no weights and a zero input tangent
+        yd = ops.expand_zeros(y, spec.m)
+    if spec.role == c.LOCAL:
+        z, zd, _ = run_program(ops, mod.aux, mod.output, y, yd, params, tangents, {}, ctx)
+        out[c.Y] = y
+        out[c.LOSS], out[c.LOSS_DOT] = cross_entropy(ops, z, zd, labels, True)
+        out[c.LOGITS] = z
+    elif is_last and spec.role != c.EVAL:
+        loss, dloss = cross_entropy(ops, y, yd, labels, spec.dual)
+        out[c.LOSS] = loss
+        if spec.dual:
+            out[c.LOSS_DOT] = dloss
+        out[c.LOGITS] = y
+    elif is_last:
+        out[c.LOGITS] = y
+    else:
+        out[c.Y] = y
+        if spec.dual:
+            out[c.Y_DOT] = yd
+    if ctx.bn_train:
+        out.update({c.stat_output(k): v for k, v in new_stats.items()})
+    return out
+
+
+def run_program(ops: Ops, nodes: list[Node], input_name: str, x: Any, x_dot: Any, params: dict[str, Any],
+                tangents: dict[str, Any], stats: dict[str, Any], ctx: RuleContext) -> tuple[Any, Any, dict[str, Any]]:
+    """Interpret ``nodes`` on (x, ẋ): returns (y, ẏ, updated BN statistics by qualified name).
+
+    ``x_dot`` and ẏ are (m, N, ...), the artifact contract's layout; the rules work on (N, m, ...)
+    (rules.py), one transpose each way when m > 1. ``tangents`` maps weight names to (m, *shape)
+    tangents; a missing entry or ``x_dot=None`` means a zero tangent, whose work the rules skip.
+    A conv fed by a zero tangent and read only by a BatchNorm runs as one folded pair
+    (``conv_bn_from_data``) where that pays.
+    """
+    env: dict[str, tuple[Any, Any]] = {input_name: (x, swap_major(ops, x_dot, ctx.m, to_samples=True))}
+    new_stats: dict[str, Any] = {}
+    bn_of = _bn_after_conv(nodes)
+    done: set[str] = set()
+    for node in nodes:
+        if node.name in done:
+            continue
+        xs = [env[i][0] for i in node.inputs]
+        xds = [env[i][1] for i in node.inputs]
+        p, u, s = _bind(node, params, tangents, stats)
+        bn = bn_of.get(node.name)
+        if bn is not None and xds[0] is None and u.get("weight") is not None and pays_to_fold(ctx):
+            y, yd, upd = conv_bn_from_data(ops, node, bn, xs[0], p, u, *_bind(bn, params, tangents, stats), ctx)
+            node = bn
+            done.add(bn.name)
+        else:
+            y, yd, upd = RULES[node.op](ops, node, xs, xds, p, u, s, ctx)
+        env[node.name] = (y, yd)
+        new_stats.update({node.buffers[role]: v for role, v in upd.items()})
+    y, yd = env[nodes[-1].name]
+    return y, swap_major(ops, yd, ctx.m, to_samples=False), new_stats
+
+
+def _bind(node: Node, params: dict[str, Any], tangents: dict[str, Any],
+          stats: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """A node's weights, weight tangents (None where zero) and statistics by local role."""
+    return ({role: params[q] for role, q in node.params.items()},
+            {role: tangents.get(q) for role, q in node.params.items()},
+            {role: stats[q] for role, q in node.buffers.items()})
+
+
+def _bn_after_conv(nodes: list[Node]) -> dict[str, Node]:
+    """Ungrouped conv name → the BatchNorm that is its only reader (a pair the folded rule can run)."""
+    readers = Counter(i for n in nodes for i in n.inputs)
+    convs = {n.name for n in nodes if n.op == "conv2d" and n.attrs["groups"] == 1}
+    return {n.inputs[0]: n for n in nodes
+            if n.op == "batchnorm2d" and n.inputs[0] in convs and readers[n.inputs[0]] == 1}

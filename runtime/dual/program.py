@@ -1,0 +1,74 @@
+"""The program: a flat, JSON-serialisable list of layer nodes in execution order, cut into modules.
+
+The program is the one description of a model that everything downstream reads: the splitter
+cuts it, the ONNX emitter and the torch backend interpret it with the dual rules, and the
+manifest stores it, so a device (or the torch backend) needs no Python model class. Tracing a
+torch model into a program is host-side work (``asyncfgd.exporter.trace``).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Node:
+    name: str  # layer's qualified name in the model (or fx name for functional ops)
+    op: str  # rule name in rules.RULES
+    inputs: list[str]  # value names: "input" or earlier nodes' names
+    attrs: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)  # local role -> qualified weight name
+    buffers: dict[str, str] = field(default_factory=dict)  # local role -> qualified buffer name
+    shape: list[int] = field(default_factory=list)  # output shape without the batch dim
+    flops: int = 0  # forward multiply-adds per sample (the splitter's per-sample cost)
+    weights: int = 0  # trainable elements (the splitter's per-weight cost: tangent draw, update)
+    scopes: list[str] = field(default_factory=list)  # enclosing module paths, outermost first
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Node:
+        return Node(**d)
+
+
+def node_flops_dual(node: Node, tangents: int = 1) -> int:
+    """Approximate multiply-adds per sample of the dual (y, ẏ) step with m tangents.
+
+    Layers with weights compute y = W x and each ẏ_j = W ẋ_j + U_j x: (1 + 2m)× the forward;
+    the others push m tangents through a fixed (linearised) map: (1 + m)×.
+    """
+    return node.flops * ((1 + 2 * tangents) if node.params else (1 + tangents))
+
+
+def weight_names(nodes: list[Node]) -> list[str]:
+    return [q for n in nodes for q in n.params.values()]
+
+
+def stat_names(nodes: list[Node]) -> list[str]:
+    return [q for n in nodes for q in n.buffers.values()]
+
+
+@dataclass
+class ModuleSpec:
+    """One pipeline module: a contiguous run of the program, reading one value."""
+
+    index: int
+    nodes: list[Node]
+    input: str  # value name the module consumes ("input" for the first module)
+    aux: list[Node] = field(default_factory=list)  # local-loss head (exporter/local_heads.py), if exported
+
+    @property
+    def output(self) -> str:
+        return self.nodes[-1].name
+
+    @property
+    def cost(self) -> int:
+        """Dual multiply-adds per sample with one tangent (the manifest's ``cost_flops``)."""
+        return sum(node_flops_dual(n) for n in self.nodes)
+
+
+def module_specs(manifest: dict[str, Any]) -> list[ModuleSpec]:
+    """Rebuild the split programs from a manifest (for the torch backend and validation)."""
+    return [ModuleSpec(m["index"], [Node.from_dict(n) for n in m["program"]], m["input"],
+                       [Node.from_dict(n) for n in m.get("aux_program", [])]) for m in manifest["modules"]]
