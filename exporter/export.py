@@ -22,8 +22,6 @@ from .local_heads import aux_head, init_aux_weights
 from .split import StepCost, split_program
 from .trace import trace
 
-BN_MODES = c.BN_MODES
-
 
 def _layer_of(qualified: str) -> str:
     return qualified.rsplit(".", 1)[0]
@@ -44,8 +42,8 @@ def export_model(model: Any, out_dir: str | Path, input_shape: tuple[int, int, i
     balanced for it (split.py: per-weight work weighs more at small batches), and the rules pick
     their faster graph forms for it (``tuned_batch`` in the manifest; any batch size still runs).
     """
-    if bn_mode not in BN_MODES:
-        raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+    if bn_mode not in c.BN_MODES:
+        raise ValueError(f"bn_mode must be one of {c.BN_MODES}, got {bn_mode!r}")
     if tangents < 1:
         raise ValueError("tangents must be >= 1")
     out = Path(out_dir)

@@ -1,7 +1,7 @@
 """`asyncfgd-app bench --curve`: test accuracy against wall-clock time and epochs, bp vs fgd vs asyncfgd.
 
 Each method trains the `asyncfgd-app train` defaults (model, dataset, optimizer, schedules, number
-of epochs) through ``train.train`` in a process of its own until it finishes or uses up the
+of epochs) through ``training.loop.train`` in a process of its own until it finishes or uses up the
 wall-clock budget; then it gets Ctrl-C: the training loop stops between mini-batches and
 checkpoints, and the per-epoch history it saved (test accuracy, wall time) is what gets plotted.
 The budget is training time as the loop records it (``wall_s`` of the last finished epoch), so

@@ -246,7 +246,7 @@ def format_table(report: dict[str, Any]) -> str:
             f"{r['measured_over_predicted']:9.2f}x"
             + (f" | device peak {r['peak_device_mb']:.0f} MB" if r.get("peak_device_mb") else ""))
     lines.append("samples/s: median ± half-range of the repeats; working = peak RSS - baseline (RSS after imports); "
-                 "model = the memory model's bytes (app/memory_model.py)")
+                 "model = the memory model's bytes (app/bench/memory_model.py)")
     return "\n".join(lines)
 
 

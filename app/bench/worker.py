@@ -27,7 +27,7 @@ from typing import Any
 
 METHODS = ("forward", "bp-torch", "bp-ort", "fgd-torch", "fgd", "asyncfgd")
 PREPARE_BP_ORT = "prepare-bp-ort"
-ORT_BASE_MODEL = "base.onnx"  # bp-ort: the forward graph with weights as initializers (bench.py writes it)
+ORT_BASE_MODEL = "base.onnx"  # bp-ort: the forward graph with weights as initializers (run.py writes it)
 ORT_META = "meta.json"  # bp-ort: {"trainable": the weight initializers' names}
 ORT_BATCH = "batch.npz"  # bp-ort: the synthetic batch (x, labels) every method trains on
 LR = 1e-4
@@ -248,7 +248,7 @@ def run_method(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench_worker", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m asyncfgd.app.bench.worker", description=__doc__.splitlines()[0])
     p.add_argument("method", choices=(*METHODS, PREPARE_BP_ORT))
     p.add_argument("--artifacts", required=True, help="artifact directory (bp-ort: its training directory)")
     p.add_argument("--batch", type=int, default=64)

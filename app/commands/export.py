@@ -63,8 +63,9 @@ def register(app: typer.Typer) -> None:
         import torch
         from tqdm import tqdm
 
-        from asyncfgd.exporter.export import BN_MODES, export_model
+        from asyncfgd.exporter.export import export_model
         from asyncfgd.exporter.models import build_model, load_weights, model_spec
+        from asyncfgd.runtime.contract import BN_MODES
         from asyncfgd.runtime.dual.interpreter import module_roles
         from asyncfgd.runtime.dual.program import ModuleSpec
 

@@ -18,7 +18,7 @@ import numpy as np
 
 
 class Ops(Protocol):
-    """What a rule may call. ``T`` values are the op set's own (torch tensors, ONNX values)."""
+    """What a rule may call; values are the op set's own (torch tensors, or ONNX values being recorded)."""
 
     def shape(self, x: Any) -> tuple[int, ...]: ...
     def const(self, value: np.ndarray | float) -> Any: ...

@@ -63,7 +63,6 @@ class TorchOps:
         return self.torch.clamp(a, lo, hi)
 
     def step_mask(self, a: Any, lo: float, hi: float | None = None) -> Any:
-        """1.0 where lo < a (< hi), else 0.0: the derivative mask of ReLU/ReLU6."""
         m = a > lo
         if hi is not None:
             m = m & (a < hi)
@@ -82,7 +81,6 @@ class TorchOps:
         return self.torch.matmul(a, b)
 
     def gemm(self, x: Any, w: Any, b: Any | None) -> Any:
-        """x @ w.T + b for 2-D x (a Linear layer)."""
         return self.F.linear(x, w, b)
 
     def conv(self, x: Any, w: Any, b: Any | None, stride: Sequence[int], padding: Sequence[int],
@@ -98,12 +96,10 @@ class TorchOps:
         return self.F.avg_pool2d(x, tuple(kernel), tuple(stride), tuple(padding), ceil_mode, count_include_pad)
 
     def pad(self, x: Any, pads_hw: Sequence[int], value: float) -> Any:
-        """Pad the last two dims by (top, left, bottom, right)."""
         top, left, bottom, right = pads_hw
         return self.F.pad(x, (left, right, top, bottom), value=value)
 
     def reshape(self, x: Any, shape: Sequence[int]) -> Any:
-        """ONNX Reshape semantics: 0 copies the input's dimension, -1 is inferred."""
         shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
         return x.reshape(shape)
 
@@ -117,20 +113,16 @@ class TorchOps:
         return x.unsqueeze(axis)
 
     def strided_hw(self, x: Any, start: Sequence[int], step: Sequence[int], size: Sequence[int]) -> Any:
-        """x[..., start_h::step_h, start_w::step_w], ``size`` elements along each of the last two dims."""
         (h0, w0), (sh, sw), (nh, nw) = start, step, size
         return x[..., h0 : h0 + sh * (nh - 1) + 1 : sh, w0 : w0 + sw * (nw - 1) + 1 : sw]
 
     def eq_mask(self, a: Any, b: Any) -> Any:
-        """1.0 where a == b, else 0.0."""
         return (a == b).to(a.dtype)
 
     def upsample(self, x: Any, kh: int, kw: int) -> Any:
-        """Nearest-neighbour upsampling of the last two dims by integer factors (each value copied)."""
         return x.repeat_interleave(kh, dim=-2).repeat_interleave(kw, dim=-1)
 
     def batch_count(self, x: Any, per_sample: int) -> Any:
-        """Number of elements reduced per channel: batch size × per_sample, as a float scalar."""
         return self.torch.tensor(float(x.shape[0] * per_sample), dtype=x.dtype, device=x.device)
 
     def expand_zeros(self, like: Any, m: int) -> Any:

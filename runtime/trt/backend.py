@@ -3,8 +3,7 @@
 EXPERIMENTAL (see the package docstring). Written for an NVIDIA Jetson AGX Orin (JetPack 6.1+, TensorRT 10, pycuda)
 against the TensorRT 10 Python API and pycuda documentation. IT HAS NEVER BEEN EXECUTED: neither TensorRT nor pycuda
 could be installed, and no GPU was available, where it was written. Only its import without
-TensorRT, its BackendUnavailable path and its optimizer formulas (compiled as plain C against
-torch.optim) are tested. Treat the first run on a device as its first test.
+TensorRT and its BackendUnavailable path are tested. Treat the first run on a device as its first test.
 
 Design, per module:
 - weights, tangents, scratch tangents, gradients and BatchNorm statistics are pycuda GPUArrays
