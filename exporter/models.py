@@ -8,6 +8,8 @@ every model for the ONNX exporter.
 
 ResNet-18 and MobileNetV2 reproduce torchvision's ``state_dict`` names and shapes so that
 ImageNet-pretrained torchvision weights can be loaded from a local file (``load_weights``).
+Models from other sources (torchvision builders, a user's Python file) are built by
+``model_sources.build_any``; ``model_spec`` works for all of them.
 
 Initialisation is PyTorch's default per-layer init, except that ResNet-18 and MobileNetV2
 use torchvision's scheme (Kaiming-normal fan-out convs, BN = 1/0, and for MobileNetV2 a
@@ -25,6 +27,8 @@ import torch
 from torch import nn
 
 MODEL_NAMES: tuple[str, ...] = ("mlp", "cnn", "resnet18", "resnet18-imagenet", "mobilenetv2")
+#: attribute where ``model_sources.build_any`` stores the spec of a non-zoo model (zoo models: ``zoo_spec``)
+SPEC_ATTR = "asyncfgd_spec"
 
 InputShape = tuple[int, int, int]
 
@@ -314,7 +318,11 @@ def build_model(name: str, num_classes: int, input_shape: tuple[int, int, int], 
     The resolved spec is stored on the model so ``model_spec``/``model_config`` can rebuild it.
     """
     if name not in _BUILDERS:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+        if ":" in name:  # torchvision:NAME or PATH.py:FACTORY
+            raise ValueError(f"model {name!r} is not a zoo model: build_model takes only {', '.join(MODEL_NAMES)}; "
+                             f"asyncfgd.exporter.model_sources.build_any builds every source")
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)} (other sources: "
+                         f"torchvision:NAME, or PATH.py:FACTORY for a model defined in your own file)")
     unknown = sorted(set(config) - set(_OPTIONS[name]))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for model {name!r}; "
@@ -330,15 +338,19 @@ def build_model(name: str, num_classes: int, input_shape: tuple[int, int, int], 
 
 
 def model_spec(model: nn.Module) -> dict[str, Any]:
-    """JSON-serialisable ``{name, num_classes, input_shape, config}`` of a zoo-built model."""
-    spec = getattr(model, "zoo_spec", None)
+    """JSON-serialisable ``{name, num_classes, input_shape, config}`` of a model built by ``build_model``
+    (a zoo model) or ``model_sources.build_any`` (any source); ``build_any(**model_spec(m))`` rebuilds ``m``.
+    """
+    spec = getattr(model, SPEC_ATTR, None) or getattr(model, "zoo_spec", None)
     if spec is None:
-        raise ValueError("model was not built by asyncfgd.exporter.models.build_model")
+        raise ValueError("model was not built by asyncfgd.exporter.models.build_model "
+                         "or asyncfgd.exporter.model_sources.build_any")
     return {**spec, "input_shape": list(spec["input_shape"]), "config": dict(spec["config"])}
 
 
 def model_config(model: nn.Module) -> dict[str, Any]:
-    """Resolved config: ``build_model(name, num_classes, input_shape, **model_config(m))`` rebuilds ``m``."""
+    """Resolved config: ``build_model(name, num_classes, input_shape, **model_config(m))`` rebuilds zoo model
+    ``m`` (any source: ``build_any(name, num_classes, input_shape, model_config(m))``)."""
     return model_spec(model)["config"]
 
 
@@ -376,13 +388,21 @@ def load_weights(model: BlockChain, path: str | Path, num_classes: int) -> list[
     Any other missing, unexpected or mis-shaped tensor is an error, so a wrong checkpoint
     can never be half-loaded silently.
     """
+    return load_weights_with_head(model, path, num_classes, model.blocks()[-1][0])
+
+
+def load_weights_with_head(model: nn.Module, path: str | Path, num_classes: int, head: str) -> list[str]:
+    """``load_weights`` for any ``nn.Module`` whose classifier head is the submodule named ``head``.
+
+    Every tensor outside ``head`` (qualified name ``head.*``; ``""`` means the whole model) must be in
+    the checkpoint with the model's shape; the head's tensors are loaded only if all of them fit.
+    """
     path = Path(path)
     state = _read_state_dict(path)
-    head = model.blocks()[-1][0]
     own = model.state_dict()
 
     def is_head(key: str) -> bool:
-        return key.startswith(head + ".")
+        return key.startswith(head + ".") if head else True
 
     out_features = [t.shape[0] for k, t in own.items() if is_head(k) and k.endswith("weight")]
     if out_features[-1:] != [num_classes]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from asyncfgd.app.commands.common import parse_ints
+from asyncfgd.app.commands.common import fail, parse_ints
 
 PIPELINE_HELP = """Measure whether module parallelism pays on this machine.
 
@@ -20,7 +20,8 @@ the pipeline efficiency: measured samples/s over the bound set by the slowest mo
 def register(app: typer.Typer) -> None:
     @app.command("bench-pipeline", help=PIPELINE_HELP)
     def bench_pipeline(
-        models: str = typer.Option("cnn,resnet18", help="Comma-separated zoo models (input 3x32x32, 10 classes)."),
+        models: str = typer.Option("cnn,resnet18", help="Comma-separated models, each a zoo NAME, torchvision:NAME "
+                                   "or PATH.py:FACTORY as in `train --model` (input 3x32x32, 10 classes)."),
         batches: str = typer.Option("8,64", help="Comma-separated batch sizes."),
         modules: int = typer.Option(2, help="Pipeline modules K for AsyncFGD (one worker thread each)."),
         steps: int = typer.Option(6, help="Timed steps per repeat, at least."),
@@ -41,18 +42,23 @@ def register(app: typer.Typer) -> None:
         from asyncfgd.app.bench.throughput import TrainingLoop, interleaved
         from asyncfgd.app.training.learners import copies_fit
         from asyncfgd.exporter.export import export_model
-        from asyncfgd.exporter.models import build_model, model_spec
+        from asyncfgd.exporter.model_sources import build_any, short_name
+        from asyncfgd.exporter.models import model_spec
         from asyncfgd.runtime.artifacts import load_artifacts
 
         rows = []
         with tempfile.TemporaryDirectory() as tmp:
-            for name in [m.strip() for m in models.split(",") if m.strip()]:
+            for i, source in enumerate(m.strip() for m in models.split(",") if m.strip()):
                 torch.manual_seed(0)
-                model = build_model(name, 10, (3, 32, 32))
+                try:
+                    model = build_any(source, 10, (3, 32, 32))
+                except ValueError as exc:
+                    fail(str(exc))
+                name = short_name(source)
                 for b in batch_sizes:
                     dirs, manifests = {}, {}
                     for k in sorted({1, modules}):  # the split is balanced for this batch size
-                        dirs[k] = Path(tmp) / f"{name}-b{b}-k{k}"
+                        dirs[k] = Path(tmp) / f"{i}-b{b}-k{k}"
                         manifests[k] = export_model(model, dirs[k], (3, 32, 32), 10, modules=k,
                                                     model_spec=model_spec(model), balance_batch=b)
                     cuts = ", ".join(m["layers"][0] for m in manifests[modules]["modules"][1:])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from asyncfgd.app.commands.common import parse_ints
+from asyncfgd.app.commands.common import fail, parse_config, parse_ints
 
 TANGENTS_HELP = """Time per step of sync FGD on ONNX Runtime as the number of tangents m carried in ONE dual pass grows.
 
@@ -17,7 +17,10 @@ in the same run, interleaved, and reported as the median with its half-range, pl
 def register(app: typer.Typer) -> None:
     @app.command("bench-tangents", help=TANGENTS_HELP)
     def bench_tangents(
-        model: str = typer.Option("cnn", help="Zoo model."),
+        model: str = typer.Option("cnn", help="Model: a zoo NAME, torchvision:NAME or PATH.py:FACTORY (as "
+                                  "`train --model`; 10 classes)."),
+        config: list[str] = typer.Option([], "--config", help="Model option KEY=VALUE, repeatable (as "
+                                         "`train --config`)."),
         input_shape: str = typer.Option("1,8,8", help="C,H,W of the input (1,8,8 = digits)."),
         batch: int = typer.Option(64, help="Batch size."),
         tangents: str = typer.Option("1,2,4,8,16", help="Comma-separated tangent counts m."),
@@ -32,10 +35,14 @@ def register(app: typer.Typer) -> None:
 
         from asyncfgd.app.bench.throughput import TrainingLoop, interleaved
         from asyncfgd.exporter.export import export_model
-        from asyncfgd.exporter.models import build_model, model_spec
+        from asyncfgd.exporter.model_sources import build_any
+        from asyncfgd.exporter.models import model_spec
 
         torch.manual_seed(0)
-        net = build_model(model, 10, shape)
+        try:
+            net = build_any(model, 10, shape, parse_config(config))
+        except ValueError as exc:
+            fail(str(exc))
         with tempfile.TemporaryDirectory() as tmp:
             loops = {}
             for m in counts:

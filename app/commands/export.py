@@ -14,6 +14,7 @@ from typing import Any
 import typer
 
 from asyncfgd.app.commands.common import fail, parse_config, parse_ints
+from asyncfgd.app.commands.train_options import CONFIG_HELP, MODEL_HELP, WEIGHTS_HELP
 from asyncfgd.runtime.artifacts import param_numel
 
 
@@ -35,8 +36,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def export(
-        model: str = typer.Option(..., "--model", help="Zoo model: mlp, cnn, resnet18, resnet18-imagenet, "
-                                  "mobilenetv2."),
+        model: str = typer.Option(..., "--model", help=MODEL_HELP.replace(" to export on the fly", "")),
         out: Path = typer.Option(..., "--out", help="Artifact directory to write (created if missing)."),
         num_classes: int = typer.Option(..., "--num-classes", help="Number of classes of the classifier head."),
         input_shape: str = typer.Option(..., "--input-shape", help="Input C,H,W of one sample, e.g. 3,32,32."),
@@ -50,21 +50,20 @@ def register(app: typer.Typer) -> None:
                                           "(manifest tuned_batch, docs/artifacts.md); any batch still runs."),
         split: str | None = typer.Option(None, "--split", help="Comma-separated layer or block names, each "
                                             "starting a new module (e.g. layer2,layer4). Exclusive with --modules."),
-        weights: Path | None = typer.Option(None, "--weights", help="Local torchvision-format state_dict (.pth) "
-                                               "to start from; a head of another class count is kept fresh."),
+        weights: Path | None = typer.Option(None, "--weights", help=WEIGHTS_HELP),
         bn: str = typer.Option("train", "--bn", help="BatchNorm in the dual/forward graphs: 'train' (batch "
                                "statistics, updated running stats as outputs) or 'frozen' (running stats)."),
         tangents: int = typer.Option(1, "--tangents", help="Weight tangents M per pass (leading dim of u.* inputs)."),
-        config: list[str] = typer.Option([], "--config", help="Model option key=value, repeatable (e.g. width=8, "
-                                         "hidden=256,128, width_mult=0.5)."),
+        config: list[str] = typer.Option([], "--config", help=CONFIG_HELP),
         seed: int = typer.Option(0, "--seed", help="Seed of the weight initialisation."),
     ) -> None:
-        """Export a zoo model as forward-mode dual ONNX graphs (docs/artifacts.md)."""
+        """Export a model (zoo, torchvision or your own file) as forward-mode dual ONNX graphs (docs/artifacts.md)."""
         import torch
         from tqdm import tqdm
 
         from asyncfgd.exporter.export import export_model
-        from asyncfgd.exporter.models import build_model, load_weights, model_spec
+        from asyncfgd.exporter.model_sources import build_any, load_any_weights
+        from asyncfgd.exporter.models import model_spec
         from asyncfgd.runtime.contract import BN_MODES
         from asyncfgd.runtime.dual.interpreter import module_roles
         from asyncfgd.runtime.dual.program import ModuleSpec
@@ -82,9 +81,9 @@ def register(app: typer.Typer) -> None:
         k = len(cuts) + 1 if cuts else (modules or 1)
         try:
             torch.manual_seed(seed)
-            net = build_model(model, num_classes, shape, **parse_config(config))
+            net = build_any(model, num_classes, shape, parse_config(config))
             if weights is not None:
-                for note in load_weights(net, weights, num_classes):
+                for note in load_any_weights(net, weights, num_classes):
                     typer.echo(f"note: {note}")
             graphs = sum(len(module_roles(ModuleSpec(i, [], "input"))) for i in range(k))
             with tqdm(total=graphs, unit="graph", file=sys.stderr) as bar:

@@ -1,6 +1,8 @@
 """`asyncfgd-app pretrain`: backprop pretraining to a state_dict; train's options pass through."""
 from __future__ import annotations
 
+import json
+import shlex
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -38,6 +40,7 @@ from asyncfgd.app.commands.train_options import (
 )
 from asyncfgd.app.training import pretrain as defaults
 from asyncfgd.app.training.pretrain import pretrain
+from asyncfgd.exporter.model_sources import short_name
 
 
 def pretrain_cmd(
@@ -67,18 +70,20 @@ def pretrain_cmd(
     freeze_until: FreezeUntilOpt = None,
     run_dir: RunDirOpt = None,
 ) -> None:
-    """Pretrain a zoo model with backprop (PyTorch autograd, on the host) and save a torchvision-format
-    state_dict; by default the cnn on upright digits 0-4, the source task of the digits-transfer fine-tune."""
+    """Pretrain a model (zoo, torchvision:NAME or PATH.py:FACTORY) with backprop (PyTorch autograd, on the host)
+    and save its state_dict; by default the cnn on upright digits 0-4, the source task of the digits-transfer
+    fine-tune."""
     try:
         cfg = new_config(ctx)
-        run_dir = run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model}-pretrain"
+        run_dir = run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{short_name(cfg.model)}-pretrain"
         cfg = replace(cfg, method="bp", run_dir=str(run_dir))
         typer.echo(f"run directory: {cfg.run_dir}")
     except USER_ERRORS as exc:
         fail(str(exc))
     cfg = run_reported(cfg, lr == AUTO, lambda c: pretrain(c, out, log=typer.echo))
-    typer.echo(f"wrote {out}: fine-tune it with `asyncfgd-app train --model {cfg.model} --weights {out} "
-               f"...` (or `asyncfgd-app export --weights {out} ...`)")
+    model_args = shlex.join(["--model", cfg.model, *(f"--config={k}={json.dumps(v)}" for k, v in cfg.config.items())])
+    typer.echo(f"wrote {out}: fine-tune it with `asyncfgd-app train {model_args} --weights {shlex.quote(str(out))} "
+               f"...` (or `asyncfgd-app export --weights {shlex.quote(str(out))} ...`)")
 
 
 def register(app: typer.Typer) -> None:

@@ -45,6 +45,7 @@ from asyncfgd.app.commands.train_options import (
 )
 from asyncfgd.app.training.config import Interrupted
 from asyncfgd.app.training.sweep import DEFAULT_EPOCHS, DEFAULT_LRS, DEFAULT_VALIDATION, default_jobs, sweep, table
+from asyncfgd.exporter.model_sources import short_name
 
 DEFAULT_JOBS = default_jobs()
 
@@ -104,7 +105,7 @@ def sweep_cmd(
     the train set, the best validation accuracy wins; writes sweep.csv and sweep.png."""
     try:
         base = new_config(ctx)
-        out = out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{base.model}-sweep"
+        out = out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{short_name(base.model)}-sweep"
         result = sweep(base, ctx.params["lrs"], out, jobs, log=typer.echo)
     except (Interrupted, KeyboardInterrupt):
         fail("interrupted; the runs finished so far are in the output directory.", INTERRUPTED)

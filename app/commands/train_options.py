@@ -36,9 +36,14 @@ def _lr(value: str) -> float | str:
 ArtifactsOpt = Annotated[Path | None, typer.Option(
     "--artifacts", help="Artifact directory from `asyncfgd-app export`. Use it to train exactly what "
     "you exported (e.g. on a device without torch). Without it, --model is exported on the fly and cached.")]
-ModelOpt = Annotated[str, typer.Option(
-    help="Zoo model to export on the fly: mlp, cnn, resnet18, resnet18-imagenet, mobilenetv2. "
-    "mlp/cnn suit digits; the ResNet/MobileNet suit 32x32 image datasets.")]
+MODEL_HELP = (
+    "Model to export on the fly, in one of three forms. NAME: the zoo, mlp, cnn, resnet18, resnet18-imagenet, "
+    "mobilenetv2 (mlp/cnn suit digits; the ResNet/MobileNet suit 32x32 image datasets). torchvision:NAME: a "
+    "torchvision.models architecture, e.g. torchvision:resnet18, freshly initialised (never downloaded; "
+    "pretrained weights via --weights FILE); needs `pip install 'asyncfgd[vision]'`. PATH.py:FACTORY: a function "
+    "or nn.Module class in your own file that returns the model; --config KEY=VALUE become its keyword "
+    "arguments, and it gets num_classes if it has a parameter of that name.")
+ModelOpt = Annotated[str, typer.Option(help=MODEL_HELP)]
 ModulesOpt = Annotated[int, typer.Option(
     min=1, help="Pipeline modules K (AsyncFGD runs them concurrently; "
     "module k lags K-1-k steps). More modules = more overlap but staler updates.")]
@@ -48,12 +53,16 @@ SplitOpt = Annotated[str | None, typer.Option(
 BnOpt = Annotated[Literal[BN_MODES], typer.Option(
     help="BatchNorm during training: train (batch statistics) or "
     "frozen (running statistics, e.g. when fine-tuning pretrained weights).")]
-WeightsOpt = Annotated[Path | None, typer.Option(
-    help="Local torchvision-format state_dict to start from "
-    "(fine-tuning); a head of another size is re-initialised.")]
-ConfigOpt = Annotated[list[str] | None, typer.Option(
-    "--config", help="Model option KEY=VALUE, repeatable, e.g. "
-    "hidden=256,128 (mlp), channels=16,32 (cnn), width=32 (resnet18).")]
+WEIGHTS_HELP = (
+    "Local state_dict (.pth) to start from (fine-tuning), e.g. torchvision's for torchvision:NAME; every tensor "
+    "must match by name and shape, except a classifier head of another size, which is re-initialised (for "
+    "torchvision and file models the head is the last module whose weight has num_classes rows).")
+CONFIG_HELP = (
+    "Model option KEY=VALUE, repeatable (values are JSON, or comma-separated lists): zoo options, e.g. "
+    "hidden=256,128 (mlp), channels=16,32 (cnn), width=32 (resnet18); keyword arguments of the torchvision "
+    "builder (e.g. dropout=0.1) or of your FACTORY.")
+WeightsOpt = Annotated[Path | None, typer.Option(help=WEIGHTS_HELP)]
+ConfigOpt = Annotated[list[str] | None, typer.Option("--config", help=CONFIG_HELP)]
 DataOpt = Annotated[str, typer.Option(
     help="Dataset: digits, digits-transfer, digits-transfer-pretrain, "
     "cifar10:PATH, svhn:PATH, imagefolder:PATH[:SIZE].")]

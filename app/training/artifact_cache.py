@@ -3,11 +3,13 @@
 Exporting takes seconds (tracing, ONNX emission), so repeated runs with the same model reuse the
 directory. The key covers everything the graphs and initial weights depend on: model name and
 config, split (and the batch size it is balanced for), BatchNorm mode, tangents per pass, local
-heads, the dataset's shape and classes, the init seed (zoo models draw their init from the global
-torch RNG), the bytes of a ``--weights`` file and the package version (a newer exporter may emit
-different graphs). A directory is reused only if it loads and every graph still matches its
-checksum; otherwise it is exported again. Exports go to a temporary directory that is renamed
-into place, so an interrupted export never leaves a half-written entry behind.
+heads, the dataset's shape and classes, the init seed (models draw their init from the global torch
+RNG), the bytes of a ``--weights`` file, the package version (a newer exporter may emit different
+graphs) and, for a ``--model PATH.py:FACTORY``, the file's absolute path and bytes (not those of
+modules it imports), for ``--model torchvision:NAME`` torchvision's version. A directory is reused
+only if it loads and every graph still matches its checksum; otherwise it is exported again. Exports
+go to a temporary directory that is renamed into place, so an interrupted export never leaves a
+half-written entry behind.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from asyncfgd.exporter.model_sources import source_key
 from asyncfgd.runtime.artifacts import ArtifactError, load_artifacts
 
 CACHE_ENV = "ASYNCFGD_CACHE"
@@ -49,6 +52,9 @@ class ExportOptions:
         content = asdict(self)
         content["weights"] = _file_sha256(Path(self.weights)) if self.weights else None
         content["asyncfgd"] = version("asyncfgd")
+        source = source_key(self.model)
+        if source is not None:  # zoo models keep their keys
+            content["model_source"] = source
         blob = json.dumps(content, sort_keys=True, default=list).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -79,16 +85,18 @@ def is_valid(directory: Path) -> bool:
 
 
 def export(opts: ExportOptions, out_dir: Path) -> None:
-    """Build the zoo model with ``opts.seed``, optionally load weights, and export it (needs torch)."""
+    """Build the model (any ``--model`` source) with ``opts.seed``, optionally load weights, and export it
+    (needs torch)."""
     import torch
 
     from asyncfgd.exporter.export import export_model
-    from asyncfgd.exporter.models import build_model, load_weights, model_spec
+    from asyncfgd.exporter.model_sources import build_any, load_any_weights
+    from asyncfgd.exporter.models import model_spec
 
     torch.manual_seed(opts.seed)
-    model = build_model(opts.model, opts.num_classes, opts.input_shape, **opts.config)
+    model = build_any(opts.model, opts.num_classes, opts.input_shape, opts.config)
     if opts.weights:
-        for note in load_weights(model, opts.weights, opts.num_classes):
+        for note in load_any_weights(model, opts.weights, opts.num_classes):
             print(f"note: {note}", file=sys.stderr)
     export_model(model, out_dir, opts.input_shape, opts.num_classes, modules=opts.modules,
                  split_at=list(opts.split) if opts.split else None, bn_mode=opts.bn_mode,

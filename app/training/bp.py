@@ -1,11 +1,12 @@
 """`--method bp`: PyTorch autograd on the same model, data stream and optimizer, for comparison.
 
-The model is rebuilt from the artifacts' zoo spec and initial weights (so FGD and backprop start
-from identical weights), BatchNorm runs in the artifacts' mode (``train``: batch statistics,
-``frozen``: running statistics) and the optimizer is torch.optim's counterpart of the runtime's
-(same formulas). One difference: ``--clip-norm`` clips the whole model's gradient norm here, but
-each pipeline module's own norm in FGD. ``--freeze-until`` freezes the same modules' parameters as
-it does in FGD (no gradient, no update): with the head as the only trained module, a linear probe.
+The model is rebuilt from the artifacts' model spec (any ``--model`` source, ``build_any``) and
+initial weights (so FGD and backprop start from identical weights), BatchNorm runs in the artifacts'
+mode (``train``: batch statistics, ``frozen``: running statistics) and the optimizer is
+torch.optim's counterpart of the runtime's (same formulas). One difference: ``--clip-norm`` clips
+the whole model's gradient norm here, but each pipeline module's own norm in FGD. ``--freeze-until``
+freezes the same modules' parameters as it does in FGD (no gradient, no update): with the head as
+the only trained module, a linear probe.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from asyncfgd.app.training import checkpoint
 from asyncfgd.app.training.config import TrainConfig, TrainError
 from asyncfgd.app.training.freeze import frozen_modules
-from asyncfgd.exporter.models import build_model
+from asyncfgd.exporter.model_sources import build_any
 from asyncfgd.exporter.reference_modules import set_bn_training
 from asyncfgd.runtime.artifacts import Artifacts
 from asyncfgd.runtime.scheduler import NonFiniteLoss, StepOutcome
@@ -33,17 +34,17 @@ def make_torch_optimizer(name: str, params: list[torch.nn.Parameter], lr: float,
 
 
 def build_from_spec(spec: dict[str, Any], weights: dict[str, np.ndarray], source: Path) -> torch.nn.Module:
-    """The zoo model described by a manifest's ``model`` entry, with ``weights`` loaded."""
+    """The model described by a manifest's ``model`` entry (zoo, torchvision or file), with ``weights`` loaded."""
     if spec.get("name") == "custom":
         raise TrainError(f"{source} holds a custom model, which cannot be rebuilt in PyTorch by name; "
-                         f"this needs a zoo model (export with --model NAME).")
-    model = build_model(spec["name"], spec["num_classes"], tuple(spec["input_shape"]), **spec.get("config", {}))
+                         f"export it with --model NAME, torchvision:NAME or PATH.py:FACTORY.")
+    model = build_any(spec["name"], spec["num_classes"], tuple(spec["input_shape"]), spec.get("config", {}))
     load_into(model, weights)
     return model
 
 
 def save_torch(run_dir: Path, out: Path) -> dict[str, Any]:
-    """Write the run's current weights and BN statistics as a state_dict for ``build_model(**spec)``."""
+    """Write the run's current weights and BN statistics as a state_dict for ``build_any(**spec)``."""
     arrays, meta = checkpoint.load(run_dir / checkpoint.FILENAME)
     model = build_from_spec(meta["model_spec"], checkpoint.model_state(arrays), run_dir)
     torch.save(model.state_dict(), out)
