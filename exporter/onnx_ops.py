@@ -42,6 +42,7 @@ class OnnxOps:
         self._widened: dict[tuple, OnnxValue] = {}
         self._exact: set[str] = set()  # masks: every element is 0 or 2^k with k >= 0
         self._masked: dict[str, tuple[OnnxValue, OnnxValue]] = {}  # Mul output -> (value, exact factor)
+        self._computed: dict[tuple, OnnxValue] = {}  # (op, inputs, attributes) -> its output
 
     # -- graph plumbing -------------------------------------------------------------------
     def _fresh(self, hint: str) -> str:
@@ -49,9 +50,14 @@ class OnnxOps:
 
     def _node(self, op: str, inputs: Sequence[str], shape: tuple[int, ...], hint: str | None = None,
               **attrs: Any) -> OnnxValue:
+        """One node, or the existing one that computes the same (rules may ask for a value twice)."""
+        key = (op, tuple(inputs), repr(sorted(attrs.items())))
+        if key in self._computed:
+            return self._computed[key]
         out = self._fresh(hint or op.lower())
         self.nodes.append(helper.make_node(op, list(inputs), [out], name=out, **attrs))
-        return OnnxValue(out, tuple(shape))
+        self._computed[key] = OnnxValue(out, tuple(shape))
+        return self._computed[key]
 
     def input(self, name: str, shape: Sequence[int], dtype: int = TensorProto.FLOAT) -> OnnxValue:
         dims = ["N" if d == -1 else d for d in shape]
@@ -188,6 +194,20 @@ class OnnxOps:
     def tanh(self, a: OnnxValue) -> OnnxValue:
         return self._unary("Tanh", a)
 
+    def sigmoid(self, a: OnnxValue) -> OnnxValue:
+        return self._unary("Sigmoid", a)
+
+    def pow(self, a: OnnxValue, exponent: float) -> OnnxValue:
+        if exponent == 2.0:
+            return self._binary("Mul", a, a)
+        return self._binary("Pow", a, self.const(exponent))
+
+    def softmax(self, a: OnnxValue, axis: int) -> OnnxValue:
+        return self._node("Softmax", [a.name], a.shape, axis=axis)
+
+    def log_softmax(self, a: OnnxValue, axis: int) -> OnnxValue:
+        return self._node("LogSoftmax", [a.name], a.shape, axis=axis)
+
     def relu(self, a: OnnxValue) -> OnnxValue:
         return self._unary("Relu", a)
 
@@ -275,6 +295,28 @@ class OnnxOps:
         shape.insert(axis % (len(shape) + 1), 1)
         out = self._node("Unsqueeze", [x.name, self._ints([axis]).name], tuple(shape))
         return self._mask(out) if x.name in self._exact else out  # a mask stays a mask
+
+    def slice(self, x: OnnxValue, axis: int, start: int, end: int, step: int) -> OnnxValue:
+        shape = list(x.shape)
+        ax = axis % len(shape)
+        if shape[ax] != -1:
+            shape[ax] = len(range(*slice(start, end, step).indices(shape[ax])))
+        ins = [x.name, self._ints([start]).name, self._ints([end]).name, self._ints([ax]).name, self._ints([step]).name]
+        return self._node("Slice", ins, tuple(shape))
+
+    def expand(self, x: OnnxValue, shape: Sequence[int]) -> OnnxValue:
+        return self._node("Expand", [x.name, self._ints([1, *shape]).name], (x.shape[0], *shape))
+
+    def _batch_shape(self, like: OnnxValue, rest: Sequence[int]) -> OnnxValue:
+        n = self._node("Shape", [like.name], (1,), start=0, end=1)
+        return self._node("Concat", [n.name, self._ints(list(rest)).name], (len(rest) + 1,), axis=0)
+
+    def expand_batch(self, x: OnnxValue, like: OnnxValue) -> OnnxValue:
+        return self._node("Expand", [x.name, self._batch_shape(like, x.shape[1:]).name], (like.shape[0], *x.shape[1:]))
+
+    def zeros_tangent(self, like: OnnxValue, m: int) -> OnnxValue:
+        shape = self._batch_shape(like, [m, *like.shape[1:]])
+        return self._node("Expand", [self.const(0.0).name, shape.name], (like.shape[0], m, *like.shape[1:]))
 
     def strided_hw(self, x: OnnxValue, start: Sequence[int], step: Sequence[int], size: Sequence[int]) -> OnnxValue:
         ends = [b + s * (n - 1) + 1 for b, s, n in zip(start, step, size, strict=False)]

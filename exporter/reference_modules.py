@@ -1,8 +1,8 @@
 """Each pipeline module as a function of the model's *own* nn.Module layers (the oracle side).
 
 Validation and the reference trainer must not share the dual rules they check, so a module
-here runs the real torch layers (nn.Conv2d, nn.BatchNorm2d, ...) via ``functional_call`` and
-gets tangents from ``torch.func.jvp``.
+here runs the model's own operations (the real torch layers via ``functional_call``, torch
+functions, tensor methods: tracing/replay.py) and gets tangents from ``torch.func.jvp``.
 """
 from __future__ import annotations
 
@@ -10,47 +10,24 @@ from collections.abc import Callable
 from typing import cast
 
 import torch
-from torch.func import functional_call
 
 from asyncfgd.runtime.dual.program import ModuleSpec
+
+from .tracing.replay import run_segment
 
 #: f(x, params, buffers) of one module; buffers None: BatchNorm on batch statistics, none updated
 SegmentFn = Callable[[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor] | None], torch.Tensor]
 
 
-def segment_fn(model: torch.nn.Module, mod: ModuleSpec) -> SegmentFn:
-    """f(x, params, buffers) for one module, using the model's layers with substituted tensors.
-
-    ``buffers`` are BatchNorm statistics; in train mode the layers update them in place, as
-    PyTorch does, so pass clones when the originals must survive.
-    """
-    layers = dict(model.named_modules())
+def segment_fn(model: torch.nn.Module, mod: ModuleSpec, masks: dict[str, torch.Tensor] | None = None) -> SegmentFn:
+    """f(x, params, buffers) for one module: the model's own operations with substituted tensors
+    (tracing/replay.py). ``buffers`` are BatchNorm statistics; in train mode the layers update
+    them in place, as PyTorch does, so pass clones when the originals must survive. ``masks`` are
+    the dropout masks by node name (none: dropout is the identity)."""
 
     def run(x: torch.Tensor, params: dict[str, torch.Tensor],
             buffers: dict[str, torch.Tensor] | None) -> torch.Tensor:
-        env = {mod.input: x}
-        for node in mod.nodes:
-            args = [env[i] for i in node.inputs]
-            if node.op == "add":
-                out = args[0] + args[1]
-            elif node.name in layers:
-                layer = layers[node.name]
-                local = {r: params[q] for r, q in node.params.items()}
-                if node.op == "batchnorm2d":
-                    # the layer's own kernel, minus its num_batches_tracked counter (an integer
-                    # momentum-less BN would need; torch.func cannot mutate captured tensors).
-                    # buffers=None: train mode without touching running statistics.
-                    stats: tuple[torch.Tensor | None, torch.Tensor | None] = (
-                        (None, None) if buffers is None else (buffers[node.buffers["running_mean"]],
-                                                              buffers[node.buffers["running_var"]]))
-                    out = torch.nn.functional.batch_norm(args[0], *stats, local.get("weight"), local.get("bias"),
-                                                         layer.training, layer.momentum, layer.eps)
-                else:
-                    out = functional_call(layer, local, (args[0],)) if local else layer(args[0])
-            else:  # functional flatten
-                out = torch.flatten(args[0], 1)
-            env[node.name] = out
-        return env[mod.output]
+        return run_segment(model, mod, x, params, buffers, masks)
 
     return run
 

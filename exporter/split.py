@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from asyncfgd.runtime.dual.program import ModuleSpec, Node, node_flops_dual
+from asyncfgd.runtime.dual.program import BATCH_REF, ModuleSpec, Node, node_flops_dual
 
 #: costs in dual multiply-add equivalents on one CPU thread, from ``scripts/split_costs.py`` on the
 #: development x86 host (ORT, batch 8 and 64). Set from its first version: a gaussian tangent draw
@@ -60,23 +60,35 @@ class SplitError(ValueError):
 
 
 def cut_points(program: list[Node]) -> list[int]:
-    """Indices i such that a module may start at program[i] (one value live across the cut)."""
+    """Indices i such that a module may start at program[i]: one per-sample value is live across
+    the cut, no weight is read on both sides, the cut is not inside one traced operation's nodes
+    (an attention layer) nor inside a residual block."""
+    defined = {n.name: i for i, n in enumerate(program)}
     last_use: dict[str, int] = {}
+    weight_span: dict[str, tuple[int, int]] = {}
     for i, n in enumerate(program):
         for v in n.inputs:
             last_use[v] = i
+        for q in n.params.values():
+            weight_span[q] = (weight_span.get(q, (i, i))[0], i)
     residual = {n.scopes[-1] for n in program if n.op == "add" and n.scopes}
     points = []
     for i in range(1, len(program)):
-        live = {v for v, j in last_use.items() if j >= i and _defined_before(program, v, i)}
-        inside = residual & set(program[i - 1].scopes) & set(program[i].scopes)
-        if live == {program[i - 1].name} and not inside:
+        prev, cur = program[i - 1], program[i]
+        live = {v for v, j in last_use.items() if j >= i and v != BATCH_REF and defined.get(v, -1) < i}
+        inside = residual & set(prev.scopes) & set(cur.scopes)
+        one_op = bool(cur.source) and cur.source == prev.source
+        shared = any(a < i <= b for a, b in weight_span.values())
+        if live == {prev.name} and prev.batched and not inside and not one_op and not shared:
             points.append(i)
     return points
 
 
-def _defined_before(program: list[Node], value: str, i: int) -> bool:
-    return value == "input" or any(n.name == value for n in program[:i])
+def describe_cuts(program: list[Node], points: list[int]) -> str:
+    """The layers a module may start at, for error messages."""
+    names = [program[i].name for i in points]
+    more = f" (+{len(names) - 40} more)" if len(names) > 40 else ""
+    return ", ".join(names[:40]) + more if names else "none"
 
 
 def split_program(program: list[Node], modules: int | None = None, at: list[str] | None = None,
@@ -98,7 +110,7 @@ def split_program(program: list[Node], modules: int | None = None, at: list[str]
             if idx not in points:
                 raise SplitError(f"cannot cut at '{name}': it is inside a residual block or another multi-input "
                                  f"structure (more than one tensor is live there). Valid cut points start at: "
-                                 f"{', '.join(program[i].name for i in points[:40])}")
+                                 f"{describe_cuts(program, points)}")
             starts.append(idx)
         if sorted(set(starts)) != starts:
             raise SplitError("cut points must be distinct and in the model's order")
@@ -107,8 +119,10 @@ def split_program(program: list[Node], modules: int | None = None, at: list[str]
         if k < 1:
             raise SplitError("the number of modules must be at least 1")
         if k - 1 > len(points):
-            raise SplitError(f"cannot split into {k} modules: this model has only {len(points) + 1} "
-                             f"uncuttable segments (residual blocks are never cut inside)")
+            raise SplitError(f"cannot split into {k} modules: this model has only {len(points)} single-value cut "
+                             f"point(s), so at most {len(points) + 1} modules (a module boundary is one tensor; "
+                             f"residual blocks, attention layers and values used further on are never cut). "
+                             f"Candidate cuts: {describe_cuts(program, points)}")
         starts = _balanced(program, points, k, cost)
     bounds = [0, *starts, len(program)]
     return [ModuleSpec(i, program[a:b], "input" if a == 0 else program[a - 1].name)

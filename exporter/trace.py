@@ -1,202 +1,276 @@
-"""Model → program (``asyncfgd.runtime.dual.program``): trace a torch model into layer nodes.
+"""Model → program (``asyncfgd.runtime.dual.program``): trace a torch model's operations into nodes.
 
-Tracing uses torch.fx: leaf modules of known types become nodes, residual ``+`` becomes an
-``add`` node. Anything else is reported with the layer's name (see ``UnsupportedLayerError``).
+torch.fx traces the model (exporter/tracing/graph.py); layers with their own dual rules stay
+whole, everything else is traced down to functions and tensor methods, and each operation is
+converted into program nodes (tracing/functions.py, tracing/layers.py). The traced graph also
+runs at two batch sizes (tracing/lockstep.py), which tells per-sample values from weights and
+catches operations that mix samples. Anything without a rule is reported with the operation, the
+module path and the user's source line (``UnsupportedLayerError``).
 """
 from __future__ import annotations
 
-import operator
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
 
 from asyncfgd.runtime.dual.program import Node
 
+from .tracing.builder import BatchSized, Builder, ParamRef, Site, UnsupportedLayerError, Val
+from .tracing.functions import FUNCTIONS, METHODS
+from .tracing.graph import DROP_PATH_CLASSES, source_line, trace_graph
+from .tracing.layers import LAYER_TYPES, LAYERS, drop_path_layer
+from .tracing.lockstep import is_batched, run_lockstep, same
+from .tracing.replay import remember
 
-class UnsupportedLayerError(ValueError):
-    """A layer or operation has no dual rule."""
+__all__ = ["SUPPORTED", "Traced", "UnsupportedLayerError", "coverage", "trace", "trace_model"]
 
-
-def _pair(v: Any) -> list[int]:
-    return [int(v), int(v)] if isinstance(v, int) else [int(t) for t in v]
-
-
-def _convert_module(mod: Any) -> tuple[str, dict[str, Any], list[str], list[str]]:
-    """(op, attrs, param roles, buffer roles) for a supported leaf module."""
-    import torch.nn as nn
-
-    if isinstance(mod, nn.Linear):
-        return "linear", {}, ["weight", "bias"], []
-    if isinstance(mod, nn.Conv2d):
-        if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
-            raise UnsupportedLayerError("only zero padding given as numbers is supported for Conv2d")
-        return "conv2d", {"stride": _pair(mod.stride), "padding": _pair(mod.padding),
-                          "dilation": _pair(mod.dilation), "groups": int(mod.groups)}, ["weight", "bias"], []
-    if isinstance(mod, nn.BatchNorm2d):
-        if not mod.track_running_stats or mod.momentum is None:
-            raise UnsupportedLayerError("BatchNorm2d needs track_running_stats=True and a numeric momentum")
-        return "batchnorm2d", {"eps": float(mod.eps), "momentum": float(mod.momentum)}, ["weight", "bias"], \
-            ["running_mean", "running_var"]
-    if isinstance(mod, nn.LayerNorm):
-        return ("layernorm", {"normalized_shape": list(mod.normalized_shape), "eps": float(mod.eps)},
-                ["weight", "bias"], [])
-    if isinstance(mod, nn.ReLU6):
-        return "relu6", {}, [], []
-    if isinstance(mod, nn.ReLU):
-        return "relu", {}, [], []
-    if isinstance(mod, nn.GELU):
-        return "gelu", {"approximate": mod.approximate}, [], []
-    if isinstance(mod, nn.MaxPool2d):
-        if mod.return_indices:
-            raise UnsupportedLayerError("MaxPool2d(return_indices=True) is not supported")
-        return "maxpool2d", {"kernel": _pair(mod.kernel_size), "stride": _pair(mod.stride or mod.kernel_size),
-                             "padding": _pair(mod.padding), "dilation": _pair(mod.dilation),
-                             "ceil_mode": bool(mod.ceil_mode)}, [], []
-    if isinstance(mod, nn.AvgPool2d):
-        if mod.divisor_override is not None:
-            raise UnsupportedLayerError("AvgPool2d(divisor_override=...) is not supported")
-        return "avgpool2d", {"kernel": _pair(mod.kernel_size), "stride": _pair(mod.stride or mod.kernel_size),
-                             "padding": _pair(mod.padding), "ceil_mode": bool(mod.ceil_mode),
-                             "count_include_pad": bool(mod.count_include_pad)}, [], []
-    if isinstance(mod, nn.AdaptiveAvgPool2d):
-        if _pair(mod.output_size) != [1, 1]:
-            raise UnsupportedLayerError("AdaptiveAvgPool2d is supported only with output size 1")
-        return "global_avgpool", {}, [], []
-    if isinstance(mod, nn.Flatten):
-        if mod.start_dim != 1 or mod.end_dim != -1:
-            raise UnsupportedLayerError("Flatten is supported only with start_dim=1, end_dim=-1")
-        return "flatten", {}, [], []
-    if isinstance(mod, (nn.Dropout, nn.Identity)):
-        # Dropout is the identity: a random mask would need its own seeded tangent bookkeeping.
-        return "identity", {}, [], []
-    raise UnsupportedLayerError(f"no dual rule for {type(mod).__name__}")
+#: constants (buffers other than BatchNorm statistics) stored in the program up to this size
+MAX_CONSTANT = 1 << 16
 
 
-def _convert_function(node: Any) -> tuple[str, dict[str, Any]] | None:
-    import torch
+@dataclass
+class Traced:
+    """A traced model: its program, the fx graph it came from and the non-tensor values (sizes)
+    the traced runs saw at both batch sizes (tracing/replay.py re-runs the graph with them)."""
 
-    if node.op == "call_function" and node.target in (operator.add, torch.add):
-        return "add", {}
-    if node.op == "call_function" and node.target is torch.flatten:
-        if node.args[1:] not in ((1,),) or node.kwargs:
-            return None
-        return "flatten", {}
-    if node.op == "call_method" and node.target == "flatten" and tuple(node.args[1:]) == (1,):
-        return "flatten", {}
-    return None
+    program: list[Node]
+    graph: fx.GraphModule
+    numbers: dict[str, tuple[Any, Any]]
 
 
-def trace(model: Any, input_shape: tuple[int, ...]) -> list[Node]:
-    """Trace ``model`` into a program with output shapes and per-sample FLOPs.
+def trace(model: nn.Module, input_shape: tuple[int, ...]) -> list[Node]:
+    """The model's program, with output shapes and per-sample FLOPs."""
+    return trace_model(model, input_shape).program
 
-    Shapes come from running the traced graph once (eval mode, batch 2, no effect on BN stats).
-    """
-    import torch.fx as fx
-    import torch.nn as nn
 
-    class LeafTracer(fx.Tracer):
-        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) and (
-                super().is_leaf_module(m, qualname) or not list(m.children()))
-
+def trace_model(model: nn.Module, input_shape: tuple[int, ...]) -> Traced:
     try:
-        graph = LeafTracer().trace(model)
-    except Exception as exc:  # fx raises many types for untraceable python control flow
+        gm = trace_graph(model, LAYER_TYPES)
+    except Exception as exc:  # fx raises many types for untraceable Python control flow
         raise UnsupportedLayerError(f"the model cannot be traced with torch.fx: {exc}") from exc
-    gm = fx.GraphModule(model, graph)
-    modules = dict(model.named_modules())
+    try:
+        runs = run_lockstep(gm, tuple(input_shape))
+    except Exception as exc:
+        raise UnsupportedLayerError(f"the model does not run on inputs of shape (batch, "
+                                    f"{', '.join(map(str, input_shape))}): {exc}") from exc
+    b = Builder()
+    vals: dict[str, Any] = {}
+    numbers: dict[str, tuple[Any, Any]] = {}
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
-    program: list[Node] = []
-    rename: dict[str, str] = {}
-    for n in graph.nodes:
+    modules = dict(model.named_modules())
+    output: Any = None
+    for n in gm.graph.nodes:
+        b.site = Site(n.name, [k for k in n.meta.get("nn_module_stack", {}) if k], source_line(n))
         if n.op == "placeholder":
-            if rename:
-                raise UnsupportedLayerError(f"model forward takes more than one input ({n.name})")
-            rename[n.name] = "input"
+            if vals:
+                raise UnsupportedLayerError(f"the model's forward takes more than one input ({n.name})")
+            vals[n.name] = Val("input", tuple(input_shape), True)
             continue
         if n.op == "output":
-            if not isinstance(n.args[0], fx.Node):
-                raise UnsupportedLayerError("model forward must return a single tensor")
-            output = rename[n.args[0].name]
+            output = _lookup(vals, n.args[0])
             continue
-        args = [a for a in n.args if isinstance(a, fx.Node)]
-        if n.op == "call_module":
-            mod = modules[n.target]
-            try:
-                op, attrs, proles, broles = _convert_module(mod)
-            except UnsupportedLayerError as exc:
-                raise UnsupportedLayerError(f"layer '{n.target}' ({type(mod).__name__}): {exc}. "
-                                            f"Supported layers: {', '.join(SUPPORTED)}") from None
-            pmap = {r: f"{n.target}.{r}" for r in proles if f"{n.target}.{r}" in params}
-            bmap = {r: f"{n.target}.{r}" for r in broles if f"{n.target}.{r}" in buffers}
-            name = str(n.target)
-        else:
-            conv = _convert_function(n)
-            if conv is None:
-                what = getattr(n.target, "__name__", str(n.target))
-                raise UnsupportedLayerError(f"operation '{what}' at '{n.name}' has no dual rule; write it with "
-                                            f"supported layers ({', '.join(SUPPORTED)}) or residual '+'")
-            scope = [k for k in n.meta.get("nn_module_stack", {}) if k]
-            (op, attrs), pmap, bmap = conv, {}, {}
-            name = _unique(f"{scope[-1]}.{op}" if scope else n.name, {p.name for p in program})
-        scopes = [k for k in n.meta.get("nn_module_stack", {}) if k]
-        program.append(Node(name=name, op=op, inputs=[rename[a.name] for a in args], attrs=attrs,
-                            params=pmap, buffers=bmap, scopes=scopes))
-        rename[n.name] = name
-    if program and program[-1].name != output:
+        a, c = runs[n.name]
+        if n.op == "get_attr":
+            vals[n.name] = _attribute(b, str(n.target), a, params, buffers)
+            continue
+        args = _lookup(vals, n.args)
+        kwargs = _lookup(vals, n.kwargs)
+        if not _has_tensor(a):
+            if not _has_value(args) and not _has_value(kwargs) or not _is_tensor_op(n):
+                vals[n.name] = a if same(a, c) else BatchSized(a, c)
+                numbers[n.name] = (a, c)
+                continue
+        b.observed = _observed(b, n, a, c, args, kwargs)
+        vals[n.name] = _convert(b, n, modules, args, kwargs)
+        _check(b, n, vals[n.name], a)
+    if not isinstance(output, Val) or not output.batched:
+        raise UnsupportedLayerError("the model's forward must return one tensor computed from its input")
+    if output.name == "input":
+        raise UnsupportedLayerError("the model returns its input unchanged")
+    program = _live(b.program, output.name)
+    _annotate(program, tuple(input_shape), params)
+    result = Traced(program, gm, numbers)
+    remember(model, result)
+    return result
+
+
+def _lookup(vals: dict[str, Any], a: Any) -> Any:
+    if isinstance(a, fx.Node):
+        return vals[a.name]
+    if isinstance(a, (list, tuple)):
+        return type(a)(_lookup(vals, x) for x in a)
+    if isinstance(a, dict):
+        return {k: _lookup(vals, v) for k, v in a.items()}
+    if isinstance(a, slice):
+        return slice(_lookup(vals, a.start), _lookup(vals, a.stop), _lookup(vals, a.step))
+    return a
+
+
+def _has_tensor(v: Any) -> bool:
+    if isinstance(v, torch.Tensor):
+        return True
+    return isinstance(v, (list, tuple)) and any(_has_tensor(x) for x in v)
+
+
+def _has_value(v: Any) -> bool:
+    if isinstance(v, (Val, ParamRef)):
+        return True
+    if isinstance(v, (list, tuple)):
+        return any(_has_value(x) for x in v)
+    if isinstance(v, dict):
+        return any(_has_value(x) for x in v.values())
+    return False
+
+
+def _is_tensor_op(n: fx.Node) -> bool:
+    """Calls that return no tensor but still need a rule (none yet: sizes and shapes do not)."""
+    return False
+
+
+def _attribute(b: Builder, target: str, a: Any, params: dict, buffers: dict) -> Any:
+    if target in params:
+        return ParamRef(target, tuple(params[target].shape))
+    if isinstance(a, torch.Tensor):
+        if a.numel() > MAX_CONSTANT:
+            raise b.fail(f"the constant tensor '{target}' has {a.numel()} elements (at most {MAX_CONSTANT} are "
+                         f"stored in the program)")
+        if not a.is_floating_point():
+            raise b.fail(f"the integer tensor '{target}' is not supported (index tensors have no rule)")
+        return b.emit("constant", [], tuple(a.shape), False, {"value": a.detach().double().flatten().tolist()})
+    return a
+
+
+def _observed(b: Builder, n: fx.Node, a: Any, c: Any, args: Any, kwargs: Any) -> Val | None:
+    """The operation's output as the traced runs saw it (the first tensor of a tuple output)."""
+    if isinstance(a, (tuple, list)):
+        return None
+    if not isinstance(a, torch.Tensor):
+        return None
+    if is_batched(a, c):
+        return Val("", tuple(a.shape[1:]), True)
+    inputs_batched = _any_batched(args) or _any_batched(kwargs)
+    if inputs_batched or a.shape != c.shape:
+        raise b.fail(f"{_what(n)} mixes the samples of the batch (output {tuple(a.shape)} at batch 2, "
+                     f"{tuple(c.shape)} at batch 3). A reshape that merges the batch axis into another one cannot "
+                     f"be expressed per sample: keep the batch first, e.g. x.view(x.size(0), -1) or "
+                     f"x.reshape(B, heads, L, d) instead of x.view(B * heads, L, d)")
+    return Val("", tuple(a.shape), False)
+
+
+def _any_batched(v: Any) -> bool:
+    if isinstance(v, Val):
+        return v.batched
+    if isinstance(v, (list, tuple)):
+        return any(_any_batched(x) for x in v)
+    if isinstance(v, dict):
+        return any(_any_batched(x) for x in v.values())
+    return False
+
+
+def _what(n: fx.Node) -> str:
+    if n.op == "call_method":
+        return f"tensor method '.{n.target}()'"
+    return f"'{getattr(n.target, '__name__', n.target)}'"
+
+
+def _convert(b: Builder, n: fx.Node, modules: dict[str, nn.Module], args: Any, kwargs: Any) -> Any:
+    if n.op == "call_module":
+        m = modules[str(n.target)]
+        conv: Any = LAYERS.get(type(m)) or (drop_path_layer if type(m).__name__ in DROP_PATH_CLASSES else None)
+        if conv is None:
+            line = f" ({b.site.line})" if b.site.line else ""
+            raise UnsupportedLayerError(f"layer '{n.target}' ({type(m).__name__}){line} has no dual rule. Supported "
+                                        f"layers: {', '.join(SUPPORTED_LAYERS)}")
+        call = lambda: conv(b, m, str(n.target), *args, **kwargs)  # noqa: E731
+    else:
+        fn = METHODS.get(str(n.target)) if n.op == "call_method" else FUNCTIONS.get(n.target)
+        if fn is None and n.op == "call_function" and getattr(n.target, "__name__", "") in ("drop_path",
+                                                                                        "stochastic_depth"):
+            fn = _wrapped_drop_path
+        if fn is None:
+            raise b.fail(f"{_what(n)} has no dual rule. Supported operations: {', '.join(SUPPORTED_OPS)}")
+        call = lambda: fn(b, *args, **kwargs)  # noqa: E731
+    try:
+        return call()
+    except TypeError as exc:
+        raise b.fail(f"{_what(n)} is called with arguments its rule does not take ({exc})") from None
+
+
+def _wrapped_drop_path(b: Builder, input: Any, p: Any = 0.0, *_: Any, **kw: Any) -> Val:
+    from .tracing.layers import dropout_node
+
+    prob = kw.get("drop_prob", kw.get("p", p))
+    return dropout_node(b, b.value(input), float(prob), True, None)
+
+
+def _check(b: Builder, n: fx.Node, v: Any, a: Any) -> None:
+    """The converter's shape must be what torch computed: a converter bug fails here, not later."""
+    if isinstance(v, Val) and isinstance(a, torch.Tensor):
+        want = tuple(a.shape[1:]) if v.batched else tuple(a.shape)
+        if v.shape != want:
+            raise b.fail(f"internal: converted shape {v.shape} differs from torch's {want}")
+
+
+def _live(program: list[Node], output: str) -> list[Node]:
+    """The nodes the output depends on, in order (a weight read but unused leaves nothing behind)."""
+    needed, kept = {output}, []
+    for node in reversed(program):
+        if node.name in needed:
+            kept.append(node)
+            needed.update(node.inputs)
+    kept.reverse()
+    if kept[-1].name != output:
         raise UnsupportedLayerError("the model's output must be its last operation")
-    _annotate(gm, program, input_shape)
-    return program
+    return kept
 
 
-def _unique(name: str, taken: set[str]) -> str:
-    out, i = name, 1
-    while out in taken:
-        out, i = f"{name}_{i}", i + 1
-    return out
-
-
-SUPPORTED = ("Linear", "Conv2d (incl. grouped/depthwise)", "BatchNorm2d", "LayerNorm", "ReLU", "ReLU6", "GELU",
-             "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d(1)", "Flatten", "Dropout", "Identity")
-
-
-def _annotate(gm: Any, program: list[Node], input_shape: tuple[int, ...]) -> None:
-    """Fill each node's output shape and per-sample forward FLOPs (multiply-adds)."""
-    import torch
-    import torch.fx as fx
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    modes = {m: m.training for m in gm.modules()}  # restored per module: mixed modes (eval + train BN) survive
-    gm.eval()
-    with torch.no_grad():
-        dtype = next((p.dtype for p in gm.parameters()), torch.float32)
-        x = torch.zeros((2, *input_shape), dtype=dtype)
-
-        class Rec(fx.Interpreter):
-            def run_node(self, n):
-                out = super().run_node(n)
-                if isinstance(out, torch.Tensor):
-                    shapes[n.name] = tuple(out.shape[1:])
-                return out
-
-        Rec(gm).run(x)
-    for m, training in modes.items():
-        m.training = training
-    shapes["input"] = tuple(input_shape)
-    mods = dict(gm.named_modules())
-    params = dict(gm.named_parameters())
-    by_name = {n.name: n for n in program}
-    fx_names = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
-    for node, fx_name in zip(program, fx_names, strict=False):
-        node.shape = list(shapes[fx_name])
+def _annotate(program: list[Node], input_shape: tuple[int, ...], params: Mapping[str, torch.Tensor]) -> None:
+    """Per-sample forward multiply-adds of each node and its trainable elements."""
+    shapes = {"input": input_shape, **{n.name: tuple(n.shape) for n in program}}
+    for node in program:
         node.weights = sum(params[q].numel() for q in node.params.values())
-        out = int(np.prod(node.shape))
-        in_shape = tuple(by_name[node.inputs[0]].shape) if node.inputs[0] != "input" else tuple(input_shape)
-        if node.op == "linear":
-            node.flops = int(np.prod(mods[node.name].weight.shape))
-        elif node.op == "conv2d":
-            w = mods[node.name].weight
-            node.flops = out * int(np.prod(w.shape[1:]))
+        out = math.prod(node.shape)
+        ins = [shapes[i] for i in node.inputs if i in shapes]
+        if not node.batched:
+            node.flops = 0
+        elif node.op == "linear":
+            node.flops = out * int(params[node.params["weight"]].shape[1])
+        elif node.op in ("conv2d", "conv1d"):
+            node.flops = out * math.prod(params[node.params["weight"]].shape[1:])
+        elif node.op == "matmul":
+            node.flops = out * int(ins[0][-1])
         else:
-            node.flops = max(out, int(np.prod(in_shape)) if in_shape else 0)
+            node.flops = max([out, *(math.prod(s) for s in ins)])
+
+
+SUPPORTED_LAYERS = ("Linear", "Conv1d", "Conv2d (any groups, stride, dilation, 'same'/'valid')", "BatchNorm1d",
+                    "BatchNorm2d", "LayerNorm", "GroupNorm", "ReLU", "ReLU6", "Hardtanh", "LeakyReLU", "ELU", "GELU",
+                    "SiLU", "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid", "Softplus", "Mish", "Softmax",
+                    "LogSoftmax", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "Upsample",
+                    "Flatten", "Unflatten", "Dropout", "DropPath/StochasticDepth", "Identity",
+                    "MultiheadAttention (self, batch_first)", "TransformerEncoderLayer (batch_first)",
+                    "TransformerEncoder")
+SUPPORTED_OPS = ("+ - * / ** neg", "relu/sigmoid/tanh/exp/log/sqrt/rsqrt and F.* activations", "view/reshape/flatten",
+                 "squeeze/unsqueeze", "permute/transpose", "expand", "indexing and slicing", "cat/stack",
+                 "split/chunk/unbind", "mean/sum/amax", "matmul/bmm/@", "softmax/log_softmax",
+                 "scaled_dot_product_attention", "F.linear/conv1d/conv2d/layer_norm/group_norm/pooling/interpolate",
+                 "F.dropout", "contiguous/clone/detach")
+SUPPORTED = SUPPORTED_LAYERS
+
+
+def coverage(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[dict[str, int], list[str]]:
+    """Op counts of the traced program and the problems found (empty when it exports)."""
+    try:
+        program = trace(model, input_shape)
+    except UnsupportedLayerError as exc:
+        return {}, [str(exc)]
+    counts: dict[str, int] = {}
+    for n in program:
+        counts[n.op] = counts.get(n.op, 0) + 1
+    return counts, []

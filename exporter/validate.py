@@ -41,8 +41,10 @@ from asyncfgd.runtime import contract as c
 from asyncfgd.runtime.artifacts import Artifacts, ModuleInfo, load_artifacts
 from asyncfgd.runtime.dual.program import ModuleSpec, Node, module_specs, weight_names
 
-from .models import build_model
+from .model_sources import build_any
 from .reference_modules import cross_entropy, jvp_module, segment_fn, set_bn_training
+from .trace import trace_model
+from .tracing.replay import observing
 from .trt_check import check_trt_compat
 
 NA_SINGLE_VALUE = "n/a (train BN over 1 value)"
@@ -122,7 +124,7 @@ def reference_model(arts: Artifacts, model: torch.nn.Module | None) -> torch.nn.
         if spec["name"] == "custom":
             raise ValueError(f"{arts.root} holds a user-defined model: pass the nn.Module (model=...) to validate it")
         with torch.random.fork_rng():  # the init is overwritten; keep the caller's RNG stream
-            model = build_model(spec["name"], spec["num_classes"], tuple(spec["input_shape"]), **spec["config"])
+            model = build_any(spec["name"], spec["num_classes"], tuple(spec["input_shape"]), spec["config"])
     else:
         model = copy.deepcopy(model)
     state = model.state_dict()
@@ -130,7 +132,9 @@ def reference_model(arts: Artifacts, model: torch.nn.Module | None) -> torch.nn.
     if missing:
         raise ValueError(f"the model has tensors the artifact's weights lack (e.g. {missing[:3]}): wrong model?")
     model.load_state_dict({k: torch.from_numpy(v) for k, v in arts.weights.items() if k in state}, strict=False)
-    return model.double().eval()
+    model = model.double().eval()
+    trace_model(model, tuple(spec["input_shape"]))  # the oracle re-runs the traced operations
+    return model
 
 
 def _open_checked(arts: Artifacts, info: ModuleInfo, role: str, report: ValidationReport) -> ort.InferenceSession:
@@ -306,33 +310,35 @@ def _grad_dot(model: torch.nn.Module, arts: Artifacts, specs: list[ModuleSpec],
 # --------------------------------------------------------------------------- kinks
 
 
+#: element-wise ops whose derivative jumps, and where (attrs → input values)
+KINKS: dict[str, Callable[[dict], list[float]]] = {
+    "relu": lambda a: [0.0], "relu6": lambda a: [0.0, 6.0], "hardtanh": lambda a: [a["min"], a["max"]],
+    "leaky_relu": lambda a: [0.0], "elu": lambda a: [0.0], "hardswish": lambda a: [-3.0, 3.0],
+    "hardsigmoid": lambda a: [-3.0, 3.0],
+}
+
+
 def _kink_samples(model: torch.nn.Module, nodes: list[Node], n: int, run: Callable[[], Any]) -> torch.Tensor:
-    """Per sample: did ``run()``, a primal pass of ``model``, meet a ReLU/ReLU6 kink or a MaxPool near-tie?"""
+    """Per sample: did ``run()``, a primal pass of ``model``, meet a kink (ReLU's 0, ReLU6's 0 and 6,
+    ...) or a MaxPool near-tie? The traced operations are watched as the oracle runs them."""
     flags = torch.zeros(n, dtype=torch.bool)
 
     def near(v: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return (v.abs() <= KINK_DELTA * scale).flatten(1).any(1)
 
-    def hook_for(node: Node) -> Callable[..., None]:
-        def hook(layer: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
-            x = args[0].detach()
-            s = x.abs().max()
-            if node.op == "relu":
-                flags.logical_or_(near(x, s))
-            elif node.op == "relu6":
-                flags.logical_or_(near(x, s) | near(x - 6.0, s))
-            else:
-                flags.logical_or_(near(_maxpool_gap(x, node, out.shape[-2:]), s))
-        return hook
+    def watch(fx_name: str, ops: list[Node], args: tuple, out: Any) -> None:
+        if len(ops) != 1 or not isinstance(args[0], torch.Tensor) or args[0].shape[0] != n:
+            return  # an expanded layer (its inner values are not seen) or a weight
+        node, x = ops[0], args[0].detach()
+        s = x.abs().max()
+        if node.op in KINKS:
+            for at in KINKS[node.op](node.attrs):
+                flags.logical_or_(near(x - at, s))
+        elif node.op == "maxpool2d":
+            flags.logical_or_(near(_maxpool_gap(x, node, out.shape[-2:]), s))
 
-    handles = [model.get_submodule(nd.name).register_forward_hook(hook_for(nd))
-               for nd in nodes if nd.op in ("relu", "relu6", "maxpool2d")]
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for h in handles:
-            h.remove()
+    with torch.no_grad(), observing(watch):
+        run()
     return flags
 
 

@@ -15,13 +15,13 @@ from typer.testing import CliRunner
 from asyncfgd.app.cli import app
 from asyncfgd.exporter.export import export_model
 from asyncfgd.exporter.models import build_model, model_spec
-from asyncfgd.exporter.reference_modules import jvp_module, set_bn_training
+from asyncfgd.exporter.reference_modules import jvp_module, segment_fn, set_bn_training
 from asyncfgd.exporter.split import SplitError, split_program
 from asyncfgd.exporter.trace import UnsupportedLayerError, trace
 from asyncfgd.exporter.validate import NA_SINGLE_VALUE, _judge, _kink_samples, validate_artifacts
 from asyncfgd.runtime.artifacts import ArtifactError, load_artifacts
+from asyncfgd.runtime.dual import fusions, rules
 from asyncfgd.runtime.dual import interpreter as dual
-from asyncfgd.runtime.dual import rules
 from asyncfgd.runtime.dual.interpreter import run_program
 from asyncfgd.runtime.dual.program import ModuleSpec, stat_names, weight_names
 from asyncfgd.runtime.dual.rules import RuleContext
@@ -82,7 +82,6 @@ RULE_CASES = {  # name: (layer, per-sample input shape, BatchNorm in train mode)
     "flatten": (nn.Flatten, (4, 5, 5), False),
     "add": (Residual, (4, 5, 5), False),
     "dropout": (lambda: nn.Dropout(0.5), (4, 5, 5), False),
-    "identity": (nn.Identity, (4, 5, 5), False),
 }
 
 
@@ -99,7 +98,7 @@ def _randomise(model: nn.Module) -> None:
 def test_rule_matches_torch_jvp(case, m, monkeypatch):
     make, shape, bn_train = RULE_CASES[case]
     folded = []
-    monkeypatch.setattr(dual, "conv_bn_from_data", lambda *a: folded.append(1) or rules.conv_bn_from_data(*a))
+    monkeypatch.setattr(dual, "conv_bn_from_data", lambda *a: folded.append(1) or fusions.conv_bn_from_data(*a))
     torch.manual_seed(0)
     model = nn.Sequential(make()).double().eval()
     _randomise(model)
@@ -224,11 +223,11 @@ def test_maxpool_tangent_takes_the_first_of_tied_maxima(pool):
     ctx = RuleContext(m, True, False)
     x_dot = x_dot.transpose(0, 1).contiguous()  # the rules' layout: (N, m, ...)
     ref = ref.transpose(0, 1)
-    _, yd, _ = rules.maxpool2d(TorchOps(torch.float64), node, [x], [x_dot], {}, {}, {}, ctx)
+    _, yd, _ = rules.pooling.maxpool2d(TorchOps(torch.float64), node, [x], [x_dot], {}, {}, {}, ctx)
     torch.testing.assert_close(yd, ref, rtol=0, atol=0)
     ops = OnnxOps("maxpool")
-    y_o, yd_o = rules.maxpool2d(ops, node, [ops.input("x", (-1, *shape))], [ops.input("x_dot", (-1, m, *shape))],
-                                {}, {}, {}, ctx)[:2]
+    y_o, yd_o = rules.pooling.maxpool2d(ops, node, [ops.input("x", (-1, *shape))],
+                                        [ops.input("x_dot", (-1, m, *shape))], {}, {}, {}, ctx)[:2]
     ops.output("y", y_o)
     ops.output("y_dot", yd_o)
     sess = ort.InferenceSession(ops.model().SerializeToString(), providers=["CPUExecutionProvider"])
@@ -309,9 +308,9 @@ def test_dense_conv_is_the_convolution(ci, co, h, w, attrs):
     torch.manual_seed(0)
     x, k = torch.randn(7, ci, h, w, dtype=torch.float64), torch.randn(co, ci, 3, 3, dtype=torch.float64)
     want = torch.nn.functional.conv2d(x, k, None, attrs["stride"], attrs["padding"], attrs["dilation"])
-    torch.testing.assert_close(rules.dense_conv(TorchOps(torch.float64), x, k, attrs), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fusions.dense_conv(TorchOps(torch.float64), x, k, attrs), want, rtol=1e-12, atol=1e-12)
     ops = OnnxOps("dense")
-    ops.output("y", rules.dense_conv(ops, ops.input("x", (-1, ci, h, w)), ops.input("k", (co, ci, 3, 3)), attrs))
+    ops.output("y", fusions.dense_conv(ops, ops.input("x", (-1, ci, h, w)), ops.input("k", (co, ci, 3, 3)), attrs))
     sess = ort.InferenceSession(ops.model().SerializeToString(), providers=["CPUExecutionProvider"])
     got = sess.run(["y"], {"x": x.float().numpy(), "k": k.float().numpy()})[0]
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
@@ -322,7 +321,7 @@ def test_conv_rule_goes_dense_only_where_it_pays(monkeypatch, batch, dense):
     """A conv on 4×4 maps with m = 3 tangents: the W·ẋ product runs dense for a tuned batch of 128
     (384 tangent-samples), as ORT's conv for 64 (192); either way ẏ is torch.func.jvp's."""
     used = []
-    monkeypatch.setattr(rules, "dense_conv", lambda *a, **kw: used.append(1) or DENSE_CONV(*a, **kw))
+    monkeypatch.setattr(fusions, "dense_conv", lambda *a, **kw: used.append(1) or DENSE_CONV(*a, **kw))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1)).double()
     nodes = trace(model, (4, 4, 4))
@@ -339,7 +338,7 @@ def test_conv_rule_goes_dense_only_where_it_pays(monkeypatch, batch, dense):
         torch.testing.assert_close(yd[j], want, rtol=1e-10, atol=1e-10)
 
 
-DENSE_CONV = rules.dense_conv
+DENSE_CONV = fusions.dense_conv
 
 
 def test_kink_finder_flags_only_samples_near_a_branch():
@@ -349,7 +348,8 @@ def test_kink_finder_flags_only_samples_near_a_branch():
                       [[[1e-9, -2.0], [3.0, 4.0]]],  # ReLU6 input at 0
                       [[[1.0, 6.0 - 1e-9], [3.0, 4.0]]],  # ReLU6 input at 6
                       [[[1.0, 2.0], [3.0, 3.0 + 1e-9]]]], dtype=torch.float64)  # MaxPool near-tie
-    assert _kink_samples(model, nodes, 4, lambda: model(x)).tolist() == [False, True, True, True]
+    oracle = segment_fn(model, ModuleSpec(0, nodes, "input"))  # the kink finder watches the oracle's operations
+    assert _kink_samples(model, nodes, 4, lambda: oracle(x, {}, None)).tolist() == [False, True, True, True]
 
 
 def test_judge_excuses_kink_samples_and_float32_noise_but_not_bugs():
@@ -407,30 +407,9 @@ def test_user_model_exports_and_validates(tmp_path):
         validate_artifacts(tmp_path)
 
 
-class Gated(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-        self.gate = nn.Sigmoid()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.gate(self.fc(x))
-
-
-class Concat(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.fc(x), x], 1)
-
-
 def test_unsupported_layer_is_named(tmp_path):
-    with pytest.raises(UnsupportedLayerError, match=r"layer 'gate' \(Sigmoid\).*Supported layers"):
-        export_model(Gated(), tmp_path, (4,), 4)
-    with pytest.raises(UnsupportedLayerError, match=r"'cat'.*no dual rule"):
-        export_model(Concat(), tmp_path, (4,), 8)
+    with pytest.raises(UnsupportedLayerError, match=r"layer '1' \(PixelShuffle\).* has no dual rule.*Supported layers"):
+        export_model(nn.Sequential(nn.Conv2d(4, 8, 1), nn.PixelShuffle(2)), tmp_path, (4, 2, 2), 4)
 
 
 def test_split_inside_residual_block_is_refused():

@@ -5,14 +5,14 @@ contract, runtime/contract.py); ``run_program`` interprets the layer nodes under
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 from .. import contract as c
+from .fusions import conv_bn_from_data, dense_conv_rule, densifies, fold_pairs, pays_to_fold
 from .ops import Ops
-from .program import ModuleSpec, Node, weight_names
-from .rules import RULES, RuleContext, conv_bn_from_data, cross_entropy, pays_to_fold, swap_major
+from .program import BATCH_REF, ModuleSpec, Node, weight_names
+from .rules import RULES, RuleContext, cross_entropy, swap_major
 
 
 @dataclass(frozen=True)
@@ -84,14 +84,15 @@ def run_program(ops: Ops, nodes: list[Node], input_name: str, x: Any, x_dot: Any
     """Interpret ``nodes`` on (x, ẋ): returns (y, ẏ, updated BN statistics by qualified name).
 
     ``x_dot`` and ẏ are (m, N, ...), the artifact contract's layout; the rules work on (N, m, ...)
-    (rules.py), one transpose each way when m > 1. ``tangents`` maps weight names to (m, *shape)
+    (rules/core.py), one transpose each way when m > 1. ``tangents`` maps weight names to (m, *shape)
     tangents; a missing entry or ``x_dot=None`` means a zero tangent, whose work the rules skip.
-    A conv fed by a zero tangent and read only by a BatchNorm runs as one folded pair
-    (``conv_bn_from_data``) where that pays.
+    Where a fusion pays (fusions.py), it runs instead of the reference rules: a conv fed by a zero
+    tangent and read only by a BatchNorm as one folded pair, a conv's W∗ẋ as one dense GEMM.
     """
-    env: dict[str, tuple[Any, Any]] = {input_name: (x, swap_major(ops, x_dot, ctx.m, to_samples=True))}
+    env: dict[str, tuple[Any, Any]] = {input_name: (x, swap_major(ops, x_dot, ctx.m, to_samples=True)),
+                                       BATCH_REF: (x, None)}
     new_stats: dict[str, Any] = {}
-    bn_of = _bn_after_conv(nodes)
+    bn_of = fold_pairs(nodes)
     done: set[str] = set()
     for node in nodes:
         if node.name in done:
@@ -104,6 +105,8 @@ def run_program(ops: Ops, nodes: list[Node], input_name: str, x: Any, x_dot: Any
             y, yd, upd = conv_bn_from_data(ops, node, bn, xs[0], p, u, *_bind(bn, params, tangents, stats), ctx)
             node = bn
             done.add(bn.name)
+        elif node.op == "conv2d" and ctx.dual and densifies(ops, node, xs[0], xds[0], p, ctx):
+            y, yd, upd = dense_conv_rule(ops, node, xs[0], xds[0], p, u, ctx)
         else:
             y, yd, upd = RULES[node.op](ops, node, xs, xds, p, u, s, ctx)
         env[node.name] = (y, yd)
@@ -118,11 +121,3 @@ def _bind(node: Node, params: dict[str, Any], tangents: dict[str, Any],
     return ({role: params[q] for role, q in node.params.items()},
             {role: tangents.get(q) for role, q in node.params.items()},
             {role: stats[q] for role, q in node.buffers.items()})
-
-
-def _bn_after_conv(nodes: list[Node]) -> dict[str, Node]:
-    """Ungrouped conv name → the BatchNorm that is its only reader (a pair the folded rule can run)."""
-    readers = Counter(i for n in nodes for i in n.inputs)
-    convs = {n.name for n in nodes if n.op == "conv2d" and n.attrs["groups"] == 1}
-    return {n.inputs[0]: n for n in nodes
-            if n.op == "batchnorm2d" and n.inputs[0] in convs and readers[n.inputs[0]] == 1}

@@ -23,6 +23,8 @@ class Node:
     flops: int = 0  # forward multiply-adds per sample (the splitter's per-sample cost)
     weights: int = 0  # trainable elements (the splitter's per-weight cost: tangent draw, update)
     scopes: list[str] = field(default_factory=list)  # enclosing module paths, outermost first
+    source: str = ""  # the traced torch operation this node computes (part of): the oracle runs that
+    batched: bool = True  # False: the value does not depend on the data (batch axis 1, rules/core.py)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -41,12 +43,17 @@ def node_flops_dual(node: Node, tangents: int = 1) -> int:
     return node.flops * ((1 + 2 * tangents) if node.params else (1 + tangents))
 
 
+#: an input name that reads the module's input value, for ops that need only its batch size
+BATCH_REF = "@batch"
+
+
 def weight_names(nodes: list[Node]) -> list[str]:
-    return [q for n in nodes for q in n.params.values()]
+    """Weights the nodes read, each once, in order of first use."""
+    return list(dict.fromkeys(q for n in nodes for q in n.params.values()))
 
 
 def stat_names(nodes: list[Node]) -> list[str]:
-    return [q for n in nodes for q in n.buffers.values()]
+    return list(dict.fromkeys(q for n in nodes for q in n.buffers.values()))
 
 
 @dataclass

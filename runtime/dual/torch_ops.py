@@ -56,6 +56,18 @@ class TorchOps:
     def tanh(self, a: Any) -> Any:
         return self.torch.tanh(a)
 
+    def sigmoid(self, a: Any) -> Any:
+        return self.torch.sigmoid(a)
+
+    def pow(self, a: Any, exponent: float) -> Any:
+        return a**exponent
+
+    def softmax(self, a: Any, axis: int) -> Any:
+        return self.torch.softmax(a, axis)
+
+    def log_softmax(self, a: Any, axis: int) -> Any:
+        return self.torch.log_softmax(a, axis)
+
     def relu(self, a: Any) -> Any:
         return self.torch.relu(a)
 
@@ -111,6 +123,20 @@ class TorchOps:
 
     def unsqueeze(self, x: Any, axis: int) -> Any:
         return x.unsqueeze(axis)
+
+    def slice(self, x: Any, axis: int, start: int, end: int, step: int) -> Any:
+        index = [slice(None)] * x.dim()
+        index[axis] = slice(start, end, step)
+        return x[tuple(index)]
+
+    def expand(self, x: Any, shape: Sequence[int]) -> Any:
+        return x.expand(x.shape[0], *shape)
+
+    def expand_batch(self, x: Any, like: Any) -> Any:
+        return x.expand(like.shape[0], *x.shape[1:])
+
+    def zeros_tangent(self, like: Any, m: int) -> Any:
+        return self.torch.zeros((like.shape[0], m, *like.shape[1:]), dtype=like.dtype, device=like.device)
 
     def strided_hw(self, x: Any, start: Sequence[int], step: Sequence[int], size: Sequence[int]) -> Any:
         (h0, w0), (sh, sw), (nh, nw) = start, step, size
