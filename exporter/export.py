@@ -16,6 +16,7 @@ import numpy as np
 from asyncfgd.runtime import contract as c
 from asyncfgd.runtime.dual.interpreter import GraphSpec, module_roles
 from asyncfgd.runtime.dual.program import ModuleSpec, stat_names, weight_names
+from asyncfgd.runtime.masks import dropout_sites
 
 from .graphs import build_onnx
 from .local_heads import aux_head, init_aux_weights
@@ -103,6 +104,7 @@ def _module_entry(mod: ModuleSpec, is_last: bool, in_shape: list[int], out_shape
         "buffers": [{"name": q, "shape": shapes[q], "dtype": "float32", "layer": _layer_of(q)}
                     for q in stat_names(mod.nodes)],
         "graphs": graphs,
+        "dropout": [d.to_dict() for d in dropout_sites(mod.nodes)],
         "program": [n.to_dict() for n in mod.nodes],
         "aux_program": [n.to_dict() for n in mod.aux],
     }

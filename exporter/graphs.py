@@ -8,6 +8,7 @@ import onnx
 from asyncfgd.runtime import contract as c
 from asyncfgd.runtime.dual.interpreter import GraphSpec, graph_weight_names, run_module
 from asyncfgd.runtime.dual.program import ModuleSpec, stat_names
+from asyncfgd.runtime.masks import dropout_sites
 
 from .onnx_ops import OnnxOps
 
@@ -24,7 +25,9 @@ def build_onnx(mod: ModuleSpec, spec: GraphSpec, is_last: bool, in_shape: list[i
     stats = {q: ops.input(c.stat_input(q), weight_shapes[q]) for q in stat_names(mod.nodes)}
     wants_labels = (is_last and spec.role != c.EVAL) or spec.role == c.LOCAL
     labels = ops.input(c.LABELS, [-1, num_classes]) if wants_labels else None
-    for name, v in run_module(ops, mod, spec, is_last, x, x_dot, params, tangents, stats, labels).items():
+    masks = {d.name: ops.input(c.mask_input(d.name), [-1, *d.mask_shape]) for d in dropout_sites(mod.nodes)
+             } if spec.role in c.MASK_ROLES else {}
+    for name, v in run_module(ops, mod, spec, is_last, x, x_dot, params, tangents, stats, labels, masks).items():
         ops.output(name, v)
     model = ops.model()
     onnx.checker.check_model(model, full_check=True)

@@ -23,6 +23,7 @@ from asyncfgd.runtime.backend import updated_stats
 from asyncfgd.runtime.dual.interpreter import GraphSpec, run_module
 from asyncfgd.runtime.dual.program import ModuleSpec, stat_names, weight_names
 from asyncfgd.runtime.dual.torch_ops import TorchOps
+from asyncfgd.runtime.masks import draw_masks, dropout_sites
 from asyncfgd.runtime.optim import make_optimizer
 from asyncfgd.runtime.perturb import fill_tangents
 
@@ -103,13 +104,15 @@ def run_reference(model: torch.nn.Module, specs: Sequence[ModuleSpec], batches: 
         if u is not None:
             kept[(k, s)] = u
         last = k == K - 1
+        drops = {n: torch.from_numpy(v) for n, v in draw_masks(dropout_sites(specs[k].nodes), seed, s, k,
+                                                                len(x)).items()}
         if dual == "rules":
             role = c.DUAL if upstream else (c.DUAL_FIRST if perturbed else c.FORWARD)
             onehot = F.one_hot(y_int, num_classes).float()
             xd = torch.stack(xds) if xds is not None else None  # i.e. if upstream
             with torch.no_grad():
                 o = run_module(TorchOps(), specs[k], GraphSpec(role, m, bn_mode, tuned_batch), last, x, xd,
-                               params[k], u or {}, stats[k], onehot)
+                               params[k], u or {}, stats[k], onehot, drops)
             for stat, v in updated_stats(o):
                 stats[k][stat].copy_(v)
             if last:
@@ -122,18 +125,18 @@ def run_reference(model: torch.nn.Module, specs: Sequence[ModuleSpec], batches: 
         if u is None:
             with torch.no_grad():
                 y, _ = jvp_module(model, specs[k], x, None, params[k],
-                                  {q: torch.zeros_like(p) for q, p in params[k].items()}, stats[k])
+                                  {q: torch.zeros_like(p) for q, p in params[k].items()}, stats[k], drops)
             yds = None
         else:
             yds = []
             for j in range(m):
                 bufs = stats[k] if j == 0 else {q: v.clone() for q, v in stats[k].items()}
                 y, yd = jvp_module(model, specs[k], x, xds[j] if xds is not None else None, params[k],
-                                   {q: t[j] for q, t in u.items()}, bufs)
+                                   {q: t[j] for q, t in u.items()}, bufs, drops)
                 yds.append(yd)
         copies = {q: p.detach().clone().requires_grad_() for q, p in params[k].items()}
         used.setdefault(s, []).append(copies)
-        y_ag = segment_fn(model, specs[k])(x if x_ag is None else x_ag, copies,
+        y_ag = segment_fn(model, specs[k], drops)(x if x_ag is None else x_ag, copies,
                                            None if bn_mode == "train" else stats[k])
         y = y.detach()
         if not last:

@@ -34,9 +34,10 @@ def segment_fn(model: torch.nn.Module, mod: ModuleSpec, masks: dict[str, torch.T
 
 def jvp_module(model: torch.nn.Module, mod: ModuleSpec, x: torch.Tensor, x_dot: torch.Tensor | None,
                params: dict[str, torch.Tensor], tangents: dict[str, torch.Tensor],
-               buffers: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+               buffers: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, ẏ) of one module by torch.func.jvp over (x, weights) for one tangent direction."""
-    f = segment_fn(model, mod)
+    f = segment_fn(model, mod, masks)
     names = list(params)
     train_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
 

@@ -35,11 +35,11 @@ import onnx
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
 from asyncfgd.runtime import contract as c
 from asyncfgd.runtime.artifacts import Artifacts, ModuleInfo, load_artifacts
 from asyncfgd.runtime.dual.program import ModuleSpec, Node, module_specs, weight_names
+from asyncfgd.runtime.masks import draw_masks
 
 from .model_sources import build_any
 from .reference_modules import cross_entropy, jvp_module, segment_fn, set_bn_training
@@ -171,6 +171,10 @@ class _Inputs:
     tangents: dict[str, np.ndarray]  # (m, *shape) per weight
     stats: dict[str, np.ndarray]
     labels: np.ndarray  # integer class per sample
+    masks: dict[str, np.ndarray]  # dropout masks by node name, drawn as the runtime draws them
+
+    def torch_masks(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return {k: torch.tensor(v, dtype=dtype) for k, v in self.masks.items()}
 
 
 def _random_inputs(arts: Artifacts, infos: list[ModuleInfo], in_shape: list[int], n: int, with_x_dot: bool,
@@ -184,9 +188,11 @@ def _random_inputs(arts: Artifacts, infos: list[ModuleInfo], in_shape: list[int]
         for b in info.buffers:
             v = normal(*b["shape"])
             stats[b["name"]] = np.abs(v) + 0.5 if b["name"].endswith("var") else 0.5 * v
+    seed = int(rng.integers(1 << 62))
+    masks = {k: v for info in infos for k, v in draw_masks(info.dropout, seed, 0, info.index, n).items()}
     return _Inputs(x=normal(n, *in_shape), x_dot=normal(m, n, *in_shape) if with_x_dot else None,
                    tangents={p["name"]: normal(m, *p["shape"]) for info in infos for p in info.params},
-                   stats=stats, labels=rng.integers(0, arts.num_classes, n))
+                   stats=stats, labels=rng.integers(0, arts.num_classes, n), masks=masks)
 
 
 def _draws(inp: _Inputs, seed: int) -> list[_Inputs]:
@@ -198,7 +204,7 @@ def _draws(inp: _Inputs, seed: int) -> list[_Inputs]:
 
     return [inp] + [_Inputs(jit(inp.x), None if inp.x_dot is None else jit(inp.x_dot),
                             {q: jit(v) for q, v in inp.tangents.items()}, {q: jit(v) for q, v in inp.stats.items()},
-                            inp.labels) for _ in range(FLOOR_DRAWS - 1)]
+                            inp.labels, inp.masks) for _ in range(FLOOR_DRAWS - 1)]
 
 
 def _feeds(arts: Artifacts, info: ModuleInfo, role: str, x: np.ndarray, x_dot: np.ndarray | None,
@@ -207,7 +213,8 @@ def _feeds(arts: Artifacts, info: ModuleInfo, role: str, x: np.ndarray, x_dot: n
     values = {c.X: x, c.X_DOT: x_dot, c.LABELS: np.eye(arts.num_classes, dtype=np.float32)[inp.labels],
               **{c.stat_input(q): v for q, v in inp.stats.items()},
               **{c.tangent_input(q): v for q, v in inp.tangents.items()},
-              **{c.weight_input(q): arts.weights[q] for q in info.param_names}}
+              **{c.weight_input(q): arts.weights[q] for q in info.param_names},
+              **{c.mask_input(k): v for k, v in inp.masks.items()}}
     return {name: values[name] for name in info.graphs[role]["inputs"]}
 
 
@@ -236,15 +243,16 @@ def _reference(model: torch.nn.Module, arts: Artifacts, mod: ModuleSpec, info: M
     x, params = cv(inp.x), {q: state[q] for q in names}
     stats = {q: cv(inp.stats[q]) for q in info.buffer_names}  # train-mode BN updates them: s_new
     y_dot = None
+    masks = inp.torch_masks(dtype) if role in c.MASK_ROLES else None
     if role in c.TANGENT_ROLES:
         pairs = [jvp_module(model, mod, x, None if inp.x_dot is None else cv(inp.x_dot[j]), params,
                             {q: cv(inp.tangents[q][j]) for q in names},
-                            stats if j == 0 else {q: v.clone() for q, v in stats.items()})
+                            stats if j == 0 else {q: v.clone() for q, v in stats.items()}, masks)
                  for j in range(arts.tangents)]
         y, y_dot = pairs[0][0], torch.stack([yd for _, yd in pairs])
     else:
         with torch.no_grad():
-            y = segment_fn(model, mod)(x, params, stats)
+            y = segment_fn(model, mod, masks)(x, params, stats)
     out = {c.stat_output(q): v for q, v in stats.items()} if bn_train else {}
     scales: dict[str, torch.Tensor] = {}
     if role == c.LOCAL:  # the module's output y, and the auxiliary head's loss
@@ -288,14 +296,22 @@ def _aux_head(y: torch.Tensor, y_dot: torch.Tensor, head: list[tuple[torch.Tenso
     return pairs[0][0], torch.stack([zd for _, zd in pairs])
 
 
+def _chain(model: torch.nn.Module, specs: list[ModuleSpec], x: torch.Tensor, params: dict[str, torch.Tensor],
+           buffers: dict[str, torch.Tensor], inp: _Inputs) -> torch.Tensor:
+    """The whole model, module after module, as the oracle runs it (with the inputs' dropout masks)."""
+    for mod in specs:
+        x = segment_fn(model, mod, inp.torch_masks(x.dtype))(x, params, buffers)
+    return x
+
+
 def _grad_dot(model: torch.nn.Module, arts: Artifacts, specs: list[ModuleSpec],
               inp: _Inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """(∇L·u_j, Σ_i |∇L_i·u_ij|) per tangent j, by float64 autograd through the model's own forward."""
+    """(∇L·u_j, Σ_i |∇L_i·u_ij|) per tangent j, by float64 autograd through the model's own operations."""
     names = [q for mod in specs for q in weight_names(mod.nodes)]
     state = model.state_dict()
     params = {q: state[q].detach().clone().requires_grad_() for q in names}
     buffers = {q: torch.tensor(v, dtype=torch.float64) for q, v in inp.stats.items()}  # copies: BN updates them
-    logits = functional_call(model, {**params, **buffers}, (torch.tensor(inp.x, dtype=torch.float64),))
+    logits = _chain(model, specs, torch.tensor(inp.x, dtype=torch.float64), params, buffers, inp)
     grads = torch.autograd.grad(cross_entropy(logits, torch.from_numpy(inp.labels)), list(params.values()))
     dots: list[torch.Tensor] = []
     scales: list[torch.Tensor] = []
@@ -462,8 +478,9 @@ class _Checker:
         errs, floors, row.status, kinked = _judge(
             {c.LOSS_DOT: outs[c.LOSS_DOT]}, {c.LOSS_DOT: ref}, {c.LOSS_DOT: scale}, n,
             lambda: [{c.LOSS_DOT: self.chained_loss_dot(draw, bn_train)} for draw in _draws(inp, seed)],
-            lambda: _kink_samples(self.ref32, nodes, n, lambda: functional_call(  # BN mode set by chained_loss_dot
-                self.ref32, {q: torch.tensor(v) for q, v in inp.stats.items()}, (torch.from_numpy(inp.x),))), self.tol)
+            lambda: _kink_samples(self.ref32, nodes, n, lambda: _chain(  # BN mode set by chained_loss_dot
+                self.ref32, self.specs, torch.from_numpy(inp.x), dict(self.ref32.state_dict()),
+                {q: torch.tensor(v) for q, v in inp.stats.items()}, inp)), self.tol)
         row.err_dot, row.floor = errs[c.LOSS_DOT], floors[c.LOSS_DOT] if floors else None
         return row, kinked
 
@@ -479,7 +496,8 @@ class _Checker:
                 names = weight_names(mod.nodes)
                 x, x_dot = jvp_module(self.ref32, mod, x, x_dot, {q: state[q] for q in names},
                                       {q: torch.from_numpy(inp.tangents[q][j]) for q in names},
-                                      {q: torch.tensor(inp.stats[q]) for q in info.buffer_names})
+                                      {q: torch.tensor(inp.stats[q]) for q in info.buffer_names},
+                                      inp.torch_masks(torch.float32))
             assert x_dot is not None  # set by the first module's jvp (there is at least one module)
             out.append(_loss_dot(x, x_dot[None], torch.from_numpy(inp.labels))[0])
         return torch.stack(out).double()

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import contract as c
+from .masks import DropoutSite
 
 F32 = 4  # bytes per element: every weight, tangent and statistic is float32
 
@@ -49,6 +50,11 @@ class ModuleInfo:
     @property
     def buffer_names(self) -> list[str]:
         return [b["name"] for b in self.buffers]
+
+    @property
+    def dropout(self) -> list[DropoutSite]:
+        """The module's dropout layers, whose masks the training roles take (none in format 1)."""
+        return [DropoutSite.from_dict(d) for d in self.raw.get("dropout", [])]
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from . import contract as c
+from .masks import DropoutSite
 
 
 @dataclass
@@ -62,6 +63,8 @@ class ModuleRunner(Protocol):
 
     index: int
     is_last: bool
+    #: the module's dropout layers (the scheduler draws their masks: runtime/masks.py)
+    dropout: list[DropoutSite]
     #: live weight buffers, by weight name (updated in place by the optimizer)
     params: dict[str, Any]
     #: live tangent buffers, by weight name, shape (m, *weight.shape)
@@ -96,9 +99,11 @@ class ModuleRunner(Protocol):
     def upload_scratch(self) -> None:
         ...
 
-    def run(self, role: str, x: Any, x_dot: Any = None, labels: Any = None, ready: Any = None) -> RunResult:
+    def run(self, role: str, x: Any, x_dot: Any = None, labels: Any = None, ready: Any = None,
+            masks: Mapping[str, np.ndarray] | None = None) -> RunResult:
         """Run one graph role on a batch; ``x``/``x_dot`` come from the previous module, whose
-        ``RunResult.ready`` event (if any) is passed as ``ready`` so the device waits for exactly that."""
+        ``RunResult.ready`` event (if any) is passed as ``ready`` so the device waits for exactly that.
+        ``masks`` are the dropout masks (host arrays by node name) the training roles take."""
         ...
 
     def device_context(self) -> Any:

@@ -3,15 +3,16 @@ backend take them from, so a graph written by one side is always read by the oth
 
 An artifact directory holds ``manifest.json``, ``weights.npz`` and one ONNX graph per (module,
 role). A graph's tensors are named by role: inputs ``x``, ``x_dot``, ``labels`` and one per
-weight, weight tangent and BatchNorm statistic (``w.<name>``, ``u.<name>``, ``s.<name>``);
+weight, weight tangent and BatchNorm statistic (``w.<name>``, ``u.<name>``, ``s.<name>``) and,
+in the training roles, one per dropout layer (``mask.<node>``);
 outputs ``y``, ``y_dot`` or ``loss``, ``loss_dot``, ``logits``, and ``s_new.<name>`` for the
 statistics a training-mode BatchNorm updates.
 """
 from __future__ import annotations
 
 FORMAT = "asyncfgd-artifacts"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2  # 2: dropout masks as graph inputs (``mask.<node>``); 1 had no dropout
+SUPPORTED_VERSIONS = (1, 2)
 OPSET = 17
 BN_MODES = ("train", "frozen")  # BatchNorm in training: batch statistics, or running ones
 MANIFEST = "manifest.json"
@@ -28,6 +29,7 @@ EVAL = "eval"
 LOCAL = "local"
 ROLES = (DUAL, DUAL_FIRST, FORWARD, EVAL)  # every module's roles (the first has no DUAL)
 TANGENT_ROLES = (DUAL, DUAL_FIRST, LOCAL)
+MASK_ROLES = (DUAL, DUAL_FIRST, FORWARD, LOCAL)  # the training roles: dropout masks are inputs
 
 # Graph inputs and outputs.
 X = "x"
@@ -45,7 +47,8 @@ WEIGHT = "w."
 TANGENT = "u."
 STAT = "s."
 STAT_NEW = "s_new."
-PREFIXES = (WEIGHT, TANGENT, STAT, STAT_NEW)
+MASK = "mask."
+PREFIXES = (WEIGHT, TANGENT, STAT, STAT_NEW, MASK)
 
 
 def graph_file(index: int, role: str) -> str:
@@ -64,6 +67,11 @@ def stat_input(name: str) -> str:
     return STAT + name
 
 
+def mask_input(node: str) -> str:
+    """The dropout mask of program node ``node``: (N, *shape), or (N, 1, ...) for drop-path."""
+    return MASK + node
+
+
 def stat_output(name: str) -> str:
     return STAT_NEW + name
 
@@ -75,7 +83,7 @@ def updated_stat(output: str) -> str | None:
 
 def split_input(name: str) -> tuple[str, str]:
     """A per-tensor graph input's (prefix, tensor name); ("", name) for x, x_dot and labels."""
-    for prefix in (WEIGHT, TANGENT, STAT):
+    for prefix in (WEIGHT, TANGENT, STAT, MASK):
         if name.startswith(prefix):
             return prefix, name[len(prefix):]
     return "", name

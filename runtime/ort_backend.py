@@ -27,6 +27,7 @@ Memory (measured on ResNet-18, batch 64, docs/performance.md):
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -57,6 +58,7 @@ class OrtModuleRunner:
     def __init__(self, artifacts: Artifacts, index: int, tangents: int, threads: int | None = None) -> None:
         info = artifacts.modules[index]
         self.index, self.is_last, self.info = index, info.is_last, info
+        self.dropout = info.dropout
         self.num_classes = artifacts.num_classes
         m = tangents
         self.params = dict(zip(info.param_names, flat_views([artifacts.weights[n].shape for n in info.param_names]),
@@ -115,7 +117,8 @@ class OrtModuleRunner:
         return self._outputs[key][self._flip[key]]
 
     def run(self, role: str, x: np.ndarray, x_dot: np.ndarray | None = None,
-            labels: np.ndarray | None = None, ready: Any = None) -> RunResult:
+            labels: np.ndarray | None = None, ready: Any = None,
+            masks: Mapping[str, np.ndarray] | None = None) -> RunResult:
         session = self._session(role)
         b = self._bindings[role]
         b.bind_cpu_input(c.X, np.ascontiguousarray(x, dtype=np.float32))
@@ -123,6 +126,9 @@ class OrtModuleRunner:
             b.bind_cpu_input(c.X_DOT, np.ascontiguousarray(x_dot, dtype=np.float32))
         if labels is not None and role != c.EVAL and (self.is_last or role == c.LOCAL):
             b.bind_cpu_input(c.LABELS, np.ascontiguousarray(labels, dtype=np.float32))
+        if role in c.MASK_ROLES:
+            for name, mask in (masks or {}).items():
+                b.bind_cpu_input(c.mask_input(name), mask)
         bound = self._out_buffers(role, x.shape[0])
         for name, (_, value) in bound.items():
             b.bind_ortvalue_output(name, value)

@@ -28,6 +28,7 @@ import numpy as np
 from . import contract as c
 from .backend import ModuleRunner, RunResult
 from .buffers import contiguous_span
+from .masks import draw_masks
 from .perturb import fill_tangents
 
 
@@ -110,6 +111,12 @@ class _Base:
         r.upload_scratch()
         return r.scratch
 
+    def _masks(self, k: int, step: int, n: int) -> dict[str, np.ndarray] | None:
+        """Module k's dropout masks for ``step`` (runtime/masks.py): a function of the seed, step,
+        module, layer and sample alone, so resuming and every backend draw the same."""
+        sites = self.runners[k].dropout
+        return draw_masks(sites, self.pert.seed, step, k, n) if sites else None
+
     def _update(self, k: int, step: int, d: np.ndarray) -> None:
         """w_k ← opt(w_k, g = mean_j d_j·u_j) with module k's tangents for ``step``."""
         if self.alpha(k, step) <= 0:
@@ -157,7 +164,7 @@ class SyncFGD(_Base):
             role, perturbed = self._role(k, s)
             if role != c.FORWARD:
                 self._fill(k, s)
-            res = r.run(role, h, hd, labels if r.is_last else None, ready=ready)
+            res = r.run(role, h, hd, labels if r.is_last else None, ready=ready, masks=self._masks(k, s, len(x)))
             h, hd, ready = res.y, res.y_dot, res.ready
         last = self.runners[-1]
         loss, d = self._check(s, res, last.to_host)
@@ -250,7 +257,7 @@ class AsyncFGD(_Base):
             self._fill(k, job.step)
         r = self.runners[k]
         return job, r.run(role, job.h, job.h_dot if role == c.DUAL else None, job.labels if r.is_last else None,
-                          ready=job.ready)
+                          ready=job.ready, masks=self._masks(k, job.step, len(job.labels)))
 
     def _finish(self, job: _Handoff, res: RunResult) -> StepOutcome:
         """The last module's result: its d becomes every module's pending update."""
@@ -319,7 +326,8 @@ class LocalFGD(AsyncFGD):
         r = self.runners[k]
         if perturbed:
             self._fill(k, job.step)
-        res = r.run(role, job.h, None, job.labels if (r.is_last or role == c.LOCAL) else None, ready=job.ready)
+        res = r.run(role, job.h, None, job.labels if (r.is_last or role == c.LOCAL) else None, ready=job.ready,
+                    masks=self._masks(k, job.step, len(job.labels)))
         if perturbed:
             _, d = self._check(job.step, res, r.to_host)
             assert d is not None  # perturbed roles (local, dual_first) always output loss_dot

@@ -242,7 +242,8 @@ def test_unsupported_op_names_op_module_line_and_the_supported_set():
     msg = str(err.value)
     assert "'cumsum'" in msg and "no dual rule" in msg and "test_tracing.py:" in msg
     assert "torch.cumsum(self.body(x), 1)" in msg and "Supported operations:" in msg and "matmul" in msg
-    with pytest.raises(UnsupportedLayerError, match=r"layer '1' \(PixelShuffle\).* has no dual rule.*Supported layers: Linear"):
+    with pytest.raises(UnsupportedLayerError,
+                       match=r"layer '1' \(PixelShuffle\).* has no dual rule.*Supported layers: Linear"):
         trace(nn.Sequential(nn.Conv2d(4, 4, 1), nn.PixelShuffle(2)), (4, 2, 2))
 
 

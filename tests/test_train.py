@@ -126,9 +126,24 @@ def test_final_line_reports_test_accuracy(art: Path, tmp_path: Path):
 KILL_EPOCHS = 8  # the killed run is long enough (~45 steps an epoch) to be killed well before its end
 
 
-def test_sigkill_mid_run_then_resume_is_bit_identical(art: Path, tmp_path: Path):
+@pytest.fixture(scope="module")
+def dropout_art(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The MLP with p = 0.5 dropout between its layers: masks drawn per step must resume exactly too."""
+    from asyncfgd.exporter.export import export_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Dropout(0.5),
+                                torch.nn.Linear(16, 10))
+    out = tmp_path_factory.mktemp("art") / "dropout"
+    export_model(model, out, (1, 8, 8), 10, modules=2, tangents=2)
+    return out
+
+
+@pytest.mark.parametrize("artifacts", ["art", "dropout_art"])
+def test_sigkill_mid_run_then_resume_is_bit_identical(artifacts: str, request: pytest.FixtureRequest, tmp_path: Path):
     """kill -9 from outside as soon as the first checkpoint exists; the resumed run must repeat the
-    uninterrupted one bit for bit."""
+    uninterrupted one bit for bit (with and without dropout)."""
+    art = request.getfixturevalue(artifacts)
     args = lambda d: [*_args(art, d), "--epochs", str(KILL_EPOCHS), "--batch-size", "32"]  # noqa: E731
     straight = tmp_path / "straight"
     assert _invoke(args(straight)).exit_code == 0

@@ -21,8 +21,11 @@ from asyncfgd.app.training import checkpoint
 from asyncfgd.app.training.config import TrainConfig, TrainError
 from asyncfgd.app.training.freeze import frozen_modules
 from asyncfgd.exporter.model_sources import build_any
-from asyncfgd.exporter.reference_modules import set_bn_training
+from asyncfgd.exporter.reference_modules import segment_fn, set_bn_training
+from asyncfgd.exporter.trace import trace_model
 from asyncfgd.runtime.artifacts import Artifacts
+from asyncfgd.runtime.dual.program import module_specs
+from asyncfgd.runtime.masks import draw_masks, dropout_sites
 from asyncfgd.runtime.scheduler import NonFiniteLoss, StepOutcome
 
 
@@ -78,16 +81,33 @@ class BpLearner:
         self.param_names = {n for n, _ in self.model.named_parameters()}
         self.opt = make_torch_optimizer(cfg.optimizer, self.params, cfg.lr, cfg.weight_decay)
         self.lr, self.clip_norm = cfg.lr_fn(steps_per_epoch), cfg.clip_norm
-        self.step = 0
+        self.step, self.seed = 0, cfg.seed
+        self.specs = module_specs(arts.manifest)
+        self.dropout = [dropout_sites(s.nodes) for s in self.specs]
+        if any(self.dropout):  # the runtime's masks go through the traced operations (tracing/replay.py)
+            trace_model(self.model, tuple(arts.manifest["model"]["input_shape"]))
 
     def _mode(self, training: bool) -> None:
-        """Dropout off always (the runtime has none); BN per the artifacts' mode while training."""
+        """Dropout as torch's own off (the runtime's masks replace it, ``_forward``); BN per the
+        artifacts' mode while training."""
         self.model.eval()
         set_bn_training(self.model, training and self.train_bn)
 
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's training forward, with the very dropout masks FGD draws for this step, so
+        that the comparison stays fair (runtime/masks.py)."""
+        if not any(self.dropout):
+            return self.model(x)
+        params, buffers = dict(self.model.named_parameters()), dict(self.model.named_buffers())
+        h = x
+        for k, (spec, sites) in enumerate(zip(self.specs, self.dropout, strict=True)):
+            masks = {n: torch.from_numpy(v) for n, v in draw_masks(sites, self.seed, self.step, k, len(x)).items()}
+            h = segment_fn(self.model, spec, masks)(h, params, buffers)
+        return h
+
     def feed(self, x: np.ndarray, onehot: np.ndarray) -> list[StepOutcome]:
         self._mode(True)
-        logits = self.model(torch.from_numpy(x))
+        logits = self._forward(torch.from_numpy(x))
         loss = F.cross_entropy(logits, torch.from_numpy(onehot.argmax(axis=1)))
         if not torch.isfinite(loss):
             raise NonFiniteLoss(self.step, loss.item(), None)

@@ -13,7 +13,9 @@ DROP_PATH_CLASSES = ("DropPath", "StochasticDepth")
 
 
 def is_layer(m: nn.Module, layer_types: tuple[type, ...]) -> bool:
-    return isinstance(m, layer_types) or type(m).__name__ in DROP_PATH_CLASSES
+    """Exact types only: a subclass with its own forward (torchvision's LayerNorm2d permutes
+    around nn.LayerNorm) is traced through, not taken for its base."""
+    return type(m) in layer_types or type(m).__name__ in DROP_PATH_CLASSES
 
 
 def trace_graph(model: nn.Module, layer_types: tuple[type, ...]) -> fx.GraphModule:

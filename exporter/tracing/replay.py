@@ -129,7 +129,7 @@ def _run(n: fx.Node, nodes: list[Node], layers: dict[str, nn.Module], args: tupl
     drop = next((nd for nd in nodes if nd.op == "dropout"), None)
     if drop is not None:  # the runtime's mask, not torch's own draw
         mask = (masks or {}).get(drop.name)
-        return args[0] if mask is None else args[0] * mask
+        return args[0] if mask is None else args[0] * mask.to(args[0].dtype)
     if n.op == "call_module":
         qual = str(n.target)
         layer = layers[qual]

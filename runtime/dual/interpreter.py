@@ -49,11 +49,13 @@ def graph_weight_names(mod: ModuleSpec, spec: GraphSpec) -> list[str]:
 
 def run_module(ops: Ops, mod: ModuleSpec, spec: GraphSpec, is_last: bool, x: Any, x_dot: Any,
                params: dict[str, Any], tangents: dict[str, Any], stats: dict[str, Any],
-               labels: Any = None) -> dict[str, Any]:
-    """One graph's computation, returned by output name."""
+               labels: Any = None, masks: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One graph's computation, returned by output name; ``masks`` are the dropout masks by node
+    name (the training roles'; without them dropout is the identity, as in ``eval``)."""
     ctx = spec.context()
     y, yd, new_stats = run_program(ops, mod.nodes, mod.input, x, x_dot if spec.role == c.DUAL else None,
-                                   params, tangents if spec.dual else {}, stats, ctx)
+                                   params, tangents if spec.dual else {}, stats, ctx,
+                                   masks if spec.role in c.MASK_ROLES else None)
     out: dict[str, Any] = {}
     if spec.dual and yd is None:  # a module with no weights and a zero input tangent
         yd = ops.expand_zeros(y, spec.m)
@@ -80,7 +82,8 @@ def run_module(ops: Ops, mod: ModuleSpec, spec: GraphSpec, is_last: bool, x: Any
 
 
 def run_program(ops: Ops, nodes: list[Node], input_name: str, x: Any, x_dot: Any, params: dict[str, Any],
-                tangents: dict[str, Any], stats: dict[str, Any], ctx: RuleContext) -> tuple[Any, Any, dict[str, Any]]:
+                tangents: dict[str, Any], stats: dict[str, Any], ctx: RuleContext,
+                masks: dict[str, Any] | None = None) -> tuple[Any, Any, dict[str, Any]]:
     """Interpret ``nodes`` on (x, ẋ): returns (y, ẏ, updated BN statistics by qualified name).
 
     ``x_dot`` and ẏ are (m, N, ...), the artifact contract's layout; the rules work on (N, m, ...)
@@ -100,6 +103,8 @@ def run_program(ops: Ops, nodes: list[Node], input_name: str, x: Any, x_dot: Any
         xs = [env[i][0] for i in node.inputs]
         xds = [env[i][1] for i in node.inputs]
         p, u, s = _bind(node, params, tangents, stats)
+        if masks and node.name in masks:
+            s = {"mask": masks[node.name]}
         bn = bn_of.get(node.name)
         if bn is not None and xds[0] is None and u.get("weight") is not None and pays_to_fold(ctx):
             y, yd, upd = conv_bn_from_data(ops, node, bn, xs[0], p, u, *_bind(bn, params, tangents, stats), ctx)

@@ -34,7 +34,6 @@ from .env import BackendUnavailable, ensure_context, load_trt, trt_logger
 
 __all__ = ["BackendUnavailable", "GpuArrayXp", "TrtBackend", "TrtModuleRunner"]
 
-_FEEDS = (c.X, c.X_DOT, c.LABELS)
 
 
 class TrtBackend:
@@ -112,7 +111,7 @@ class TrtModuleRunner:
         from pycuda import gpuarray  # noqa: PLC0415 - device-only dependency
 
         self._cuda, self._ring = cuda, output_ring
-        self.index, self.is_last = info.index, info.is_last
+        self.index, self.is_last, self.dropout = info.index, info.is_last, info.dropout
         self.stream = cuda.Stream()
         #: numpy-like namespace over GPUArrays for the runtime's optimizer and update math
         self.xp = GpuArrayXp(self.stream)
@@ -139,7 +138,8 @@ class TrtModuleRunner:
 
     # --- protocol -------------------------------------------------------------------------
 
-    def run(self, role: str, x: Any, x_dot: Any = None, labels: Any = None, ready: Any = None) -> RunResult:
+    def run(self, role: str, x: Any, x_dot: Any = None, labels: Any = None, ready: Any = None,
+            masks: Mapping[str, np.ndarray] | None = None) -> RunResult:
         """Enqueue one graph on this module's stream; results are device arrays (not synced)."""
         ensure_context(self._cuda)
         if role not in self._contexts:
@@ -147,13 +147,13 @@ class TrtModuleRunner:
         ctx, io = self._contexts[role], self._io[role]
         batch = int(x.shape[0])
         slot = self._next_slot(role, batch)
-        feeds = {c.X: x, c.X_DOT: x_dot, c.LABELS: labels}
+        feeds = {c.X: x, c.X_DOT: x_dot, c.LABELS: labels, **{c.mask_input(k): v for k, v in (masks or {}).items()}}
         reads = []  # device buffers from other modules that this run reads
         for name, (is_input, dtype) in io.items():
             if not is_input:
                 continue
             arr = self._device_input(name, feeds, slot, dtype)
-            if name in _FEEDS and arr is feeds[name]:
+            if name in feeds and arr is feeds[name]:
                 reads.append(int(arr.gpudata))
             if not ctx.set_input_shape(name, tuple(arr.shape)):
                 raise ValueError(f"input '{name}' shape {tuple(arr.shape)} is outside the '{role}' engine's "
@@ -244,8 +244,8 @@ class TrtModuleRunner:
 
     def _device_input(self, name: str, feeds: dict[str, Any], slot: dict[str | tuple[str, str], Any],
                       dtype: np.dtype) -> Any:
-        if name in _FEEDS:
-            arr = feeds[name]
+        if name in feeds or name.startswith(c.MASK):
+            arr = feeds.get(name)
             if arr is None:
                 raise ValueError(f"this graph needs '{name}'")
             if isinstance(arr, np.ndarray):  # host data: stage into this slot's input buffer
