@@ -70,13 +70,14 @@ def export_artifacts(cfg: BenchConfig, root: Path) -> dict[int, Path]:
     import torch
 
     from asyncfgd.exporter.export import export_model
-    from asyncfgd.exporter.models import build_model, model_spec
+    from asyncfgd.exporter.model_sources import build_any, short_name
+    from asyncfgd.exporter.models import model_spec
 
     torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.num_classes, cfg.input_shape)
+    model = build_any(cfg.model, cfg.num_classes, cfg.input_shape)
     dirs = {}
     for k in sorted({1, cfg.modules}):
-        dirs[k] = root / f"{cfg.model}-k{k}"
+        dirs[k] = root / f"{short_name(cfg.model)}-k{k}"
         export_model(model, dirs[k], cfg.input_shape, cfg.num_classes, modules=k, model_spec=model_spec(model),
                      balance_batch=cfg.batch)
     return dirs

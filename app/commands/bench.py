@@ -9,6 +9,11 @@ import typer
 
 from asyncfgd.app.bench.worker import METHODS
 from asyncfgd.app.commands.common import parse_ints
+from asyncfgd.exporter.model_sources import FORMS
+
+MODEL_HELP = (
+    f"Model to benchmark: {FORMS} (the forms `train --help` describes), built with its defaults (bench takes no "
+    "--config; a PATH.py:FACTORY gets num_classes if it has a parameter of that name) and freshly initialised.")
 
 BENCH_HELP = (
     "Compare training methods on one model, input and batch, each in its own process.\n\n"
@@ -25,7 +30,7 @@ BENCH_HELP = (
 def register(app: typer.Typer) -> None:
     @app.command("bench", help=BENCH_HELP)
     def bench(
-        model: str = typer.Option("resnet18", help="Zoo model."),
+        model: str = typer.Option("resnet18", help=MODEL_HELP),
         modules: int = typer.Option(4, help="Pipeline modules K for asyncfgd."),
         batch: int = typer.Option(64, help="Mini-batch size (every method)."),
         steps: int = typer.Option(3, help="Timed training steps per repeat."),

@@ -4,6 +4,9 @@ Every mistake a user can make on the command line (unknown model, impossible spl
 without a dual rule, a malformed shape, a missing weights file) ends in a one-paragraph
 message on stderr and exit code 2, never a traceback: the exporter's exceptions already
 say what went wrong and what would work.
+
+``--check`` writes nothing: it traces the model and prints its operations, size, parameters and
+cut points (exporter/coverage.py), then "OK" (exit 0) or the operations without a dual rule (exit 1).
 """
 from __future__ import annotations
 
@@ -16,6 +19,10 @@ import typer
 from asyncfgd.app.commands.common import fail, parse_config, parse_ints
 from asyncfgd.app.commands.train_options import CONFIG_HELP, MODEL_HELP, WEIGHTS_HELP
 from asyncfgd.runtime.artifacts import param_numel
+
+#: ``--check``'s class count and input shape when not given
+CHECK_CLASSES = 10
+CHECK_SHAPE = "3,32,32"
 
 
 def _summary(manifest: dict[str, Any], out: Path) -> str:
@@ -31,15 +38,44 @@ def _summary(manifest: dict[str, Any], out: Path) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows)
 
 
+def _check(model: str, num_classes: int, input_shape: str, config: list[str], seed: int) -> None:
+    """``export --check``: the coverage report on stdout; exit 1 with the tracer's message if it fails."""
+    import torch
+
+    from asyncfgd.exporter.coverage import check, format_report
+    from asyncfgd.exporter.model_sources import build_any
+
+    shape = tuple(parse_ints(input_shape, "--input-shape", "3,32,32", 3))
+    try:
+        torch.manual_seed(seed)
+        net = build_any(model, num_classes, shape, parse_config(config))
+    except (ValueError, OSError) as exc:  # a model that cannot be built: a usage error, as for an export
+        fail(str(exc))
+    report = check(net, shape)
+    typer.echo(format_report(report, model))
+    if report.error is not None:
+        fail(report.error, code=1)
+
+
 def register(app: typer.Typer) -> None:
     """Add the `export` command to the CLI."""
 
     @app.command()
     def export(
         model: str = typer.Option(..., "--model", help=MODEL_HELP.replace(" to export on the fly", "")),
-        out: Path = typer.Option(..., "--out", help="Artifact directory to write (created if missing)."),
-        num_classes: int = typer.Option(..., "--num-classes", help="Number of classes of the classifier head."),
-        input_shape: str = typer.Option(..., "--input-shape", help="Input C,H,W of one sample, e.g. 3,32,32."),
+        out: Path | None = typer.Option(None, "--out", help="Artifact directory to write (created if missing). "
+                                         "Required, except with --check."),
+        num_classes: int | None = typer.Option(None, "--num-classes", help="Number of classes of the classifier "
+                                                 f"head. Required, except with --check (default {CHECK_CLASSES})."),
+        input_shape: str | None = typer.Option(None, "--input-shape", help="Input C,H,W of one sample, e.g. "
+                                               f"3,32,32. Required, except with --check (default {CHECK_SHAPE})."),
+        check: bool = typer.Option(False, "--check", help="Export nothing: trace the model and print its "
+                                   "operations (program op -> count), program nodes, trainable parameters and "
+                                   "single-value cut points (so the largest --modules K, and the first names "
+                                   "--split takes), then 'OK: every operation has a dual rule' (exit 0), or the "
+                                   "first unsupported operation with its module and source line, and every "
+                                   "other operation without a dual rule (exit 1). Only --model, --num-classes, "
+                                   "--input-shape, --config and --seed apply."),
         modules: int | None = typer.Option(None, "--modules", help="Split into K pipeline modules balanced by "
                                               "step cost (default 1). Exclusive with --split."),
         balance_batch: int = typer.Option(64, "--balance-batch", help="Training batch size --modules balances "
@@ -57,7 +93,10 @@ def register(app: typer.Typer) -> None:
         config: list[str] = typer.Option([], "--config", help=CONFIG_HELP),
         seed: int = typer.Option(0, "--seed", help="Seed of the weight initialisation."),
     ) -> None:
-        """Export a model (zoo, torchvision or your own file) as forward-mode dual ONNX graphs (docs/artifacts.md)."""
+        """Export a model (zoo, torchvision or your own file) as forward-mode dual ONNX graphs (docs/artifacts.md).
+
+        With --check, export nothing: report whether every operation of the model has a dual rule.
+        """
         import torch
         from tqdm import tqdm
 
@@ -68,6 +107,14 @@ def register(app: typer.Typer) -> None:
         from asyncfgd.runtime.dual.interpreter import module_roles
         from asyncfgd.runtime.dual.program import ModuleSpec
 
+        if check:
+            _check(model, num_classes or CHECK_CLASSES, input_shape or CHECK_SHAPE, config, seed)
+            return
+        missing = [flag for flag, value in (("--out", out), ("--num-classes", num_classes),
+                                            ("--input-shape", input_shape)) if value is None]
+        if missing:
+            fail(f"exporting needs {', '.join(missing)} (only `export --check` does without them)")
+        assert out is not None and num_classes is not None and input_shape is not None
         if modules is not None and split:
             fail("give either --modules K or --split a,b, not both")
         if modules is not None and modules < 1:

@@ -53,6 +53,7 @@ from asyncfgd.app.commands.train_options import (
 )
 from asyncfgd.app.training.config import Interrupted, TrainConfig, saved_config
 from asyncfgd.app.training.loop import train
+from asyncfgd.exporter.model_sources import short_name
 
 EXPORT_OPTIONS = ("model", "modules", "split", "bn", "weights", "config", "tangents")
 
@@ -96,7 +97,7 @@ def new_config(ctx: typer.Context) -> TrainConfig:
     if p["artifacts"] is not None and _explicit(ctx, EXPORT_OPTIONS):
         fail(f"--artifacts already fixes how the model was exported; remove "
              f"{_flags(_explicit(ctx, EXPORT_OPTIONS))} or drop --artifacts.")
-    name = p["artifacts"].name if p["artifacts"] is not None else p["model"]
+    name = p["artifacts"].name if p["artifacts"] is not None else short_name(p["model"])  # no '/' or ':'
     run_dir = p.get("run_dir") or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{p.get('method', D.method)}"
     lr = p.get("lr", D.lr)
     return TrainConfig(**{**{f.name: p[f.name] for f in fields(TrainConfig) if f.name in p},
