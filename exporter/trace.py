@@ -256,9 +256,10 @@ SUPPORTED_LAYERS = ("Linear", "Conv1d", "Conv2d (any groups, stride, dilation, '
                     "Flatten", "Unflatten", "Dropout", "DropPath/StochasticDepth", "Identity",
                     "MultiheadAttention (self, batch_first)", "TransformerEncoderLayer (batch_first)",
                     "TransformerEncoder")
-SUPPORTED_OPS = ("+ - * / ** neg", "relu/sigmoid/tanh/exp/log/sqrt/rsqrt and F.* activations", "view/reshape/flatten",
+SUPPORTED_OPS = ("+ - * / ** neg abs", "relu/sigmoid/tanh/exp/log/sqrt/rsqrt/clamp and F.* activations",
+                 "view/reshape/flatten",
                  "squeeze/unsqueeze", "permute/transpose", "expand", "indexing and slicing", "cat/stack",
-                 "split/chunk/unbind", "mean/sum/amax", "matmul/bmm/@", "softmax/log_softmax",
+                 "split/chunk/unbind", "mean/sum/amax", "matmul/bmm/@/two-operand einsum", "softmax/log_softmax",
                  "scaled_dot_product_attention", "F.linear/conv1d/conv2d/layer_norm/group_norm/pooling/interpolate",
                  "F.dropout", "contiguous/clone/detach")
 SUPPORTED = SUPPORTED_LAYERS

@@ -329,7 +329,7 @@ def _grad_dot(model: torch.nn.Module, arts: Artifacts, specs: list[ModuleSpec],
 #: element-wise ops whose derivative jumps, and where (attrs → input values)
 KINKS: dict[str, Callable[[dict], list[float]]] = {
     "relu": lambda a: [0.0], "relu6": lambda a: [0.0, 6.0], "hardtanh": lambda a: [a["min"], a["max"]],
-    "leaky_relu": lambda a: [0.0], "elu": lambda a: [0.0], "hardswish": lambda a: [-3.0, 3.0],
+    "leaky_relu": lambda a: [0.0], "elu": lambda a: [0.0], "hardswish": lambda a: [-3.0, 3.0], "abs": lambda a: [0.0],
     "hardsigmoid": lambda a: [-3.0, 3.0],
 }
 

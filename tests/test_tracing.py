@@ -72,6 +72,11 @@ OP_CASES = {  # name: (model factory, per-sample input shape, BatchNorm in train
                    False),
     "matmul_forms": (lambda: Op(lambda m, x: torch.bmm(x @ m.w, (x @ m.w).transpose(1, 2)).sum(-1) @ m.v,
                                 w=_p(4, 6), v=_p(3, 2)), (3, 4), False),
+    "einsum_forms": (lambda: Op(lambda m, x: torch.einsum("nij,jk->nik", x, m.w).sum(-1) + torch.einsum(
+        "nij,nkj->nik", x, x).mean(-1) + torch.einsum("ij,nkj->nki", m.v, x).amax(1) + torch.einsum(
+        "nij,j->ni", x, m.c), w=_p(4, 5), v=_p(3, 4), c=_p(4)), (3, 4), False),
+    "clamp_abs": (lambda: Op(lambda m, x: x.clamp(-0.5, 1.0) + torch.clamp(x, min=0.2) + x.clamp(max=0.1)
+                             + x.abs()), (3, 5), False),
     "matmul_weight_on_left": (lambda: Op(lambda m, x: torch.matmul(m.w, x), w=_p(2, 3)), (3, 4), False),
     "softmax_log_softmax": (lambda: Op(lambda m, x: F.softmax(x, -1) + F.log_softmax(x, dim=1) + x.softmax(1)),
                             (3, 5), False),

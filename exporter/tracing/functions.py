@@ -64,6 +64,7 @@ for _op, _targets in {
     "rsqrt": (torch.rsqrt, "rsqrt"),
     "detach": ("detach", torch.detach),
     "neg": (operator.neg, torch.neg, "neg"),
+    "abs": (torch.abs, "abs", operator.abs),
 }.items():
     converts(*_targets)(_unary(_op))
 
@@ -78,6 +79,20 @@ def _same(b: Builder, input: Any, *_: Any, **__: Any) -> Val:
 def _hardtanh(b: Builder, input: Any, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False) -> Val:
     x = b.value(input)
     return b.emit("hardtanh", [x], x.shape, x.batched, {"min": float(min_val), "max": float(max_val)})
+
+
+#: a bound larger than any float32, for a one-sided clamp
+_UNBOUNDED = 3.0e38
+
+
+@converts(torch.clamp, "clamp", "clip", torch.clip)
+def _clamp(b: Builder, input: Any, min: Any = None, max: Any = None) -> Val:
+    if not all(v is None or isinstance(v, (int, float)) for v in (min, max)) or (min is None and max is None):
+        raise b.fail("clamp is supported with number bounds")
+    x = b.value(input)
+    lo = -_UNBOUNDED if min is None else float(min)
+    hi = _UNBOUNDED if max is None else float(max)
+    return b.emit("hardtanh", [x], x.shape, x.batched, {"min": lo, "max": hi})
 
 
 @converts(F.leaky_relu)
@@ -409,3 +424,63 @@ def attention(b: Builder, q: Val, k: Val, v: Val, scale: float | None) -> Val:
                                                           "scalar_first": False})
     probs = b.emit("softmax", [scores], scores.shape, attrs={"axis": len(scores.shape)})
     return b.emit("matmul", [probs, v], (*q.shape[:-1], v.shape[-1]))
+
+
+@converts(torch.einsum)
+def _einsum(b: Builder, equation: str, *operands: Any) -> Val:
+    """A two-operand einsum as transposes, reshapes and one batched matmul: letters in both
+    operands and the output ride as batch axes, letters in both but not the output are contracted,
+    letters in one operand only are summed first (not in the output) or kept."""
+    ops_ = list(operands[0]) if len(operands) == 1 and isinstance(operands[0], (list, tuple)) else list(operands)
+    if len(ops_) != 2 or "..." in equation or "->" not in equation:
+        raise b.fail("einsum is supported with two operands and an explicit '->' output, without '...'")
+    (sa, sb), out = equation.replace(" ", "").split("->")[0].split(","), equation.replace(" ", "").split("->")[1]
+    x, y = b.value(ops_[0]), b.value(ops_[1])
+    letters = []
+    for v, s in ((x, sa), (y, sb)):
+        if len(s) != v.torch_rank or len(set(s)) != len(s):
+            raise b.fail(f"einsum operand '{s}' does not match a {v.torch_rank}-d tensor (or repeats a letter)")
+        letters.append(s)
+    batch = {s[0] for v, s in ((x, sa), (y, sb)) if v.batched}
+    if len(batch) > 1 or (batch and out[:1] not in batch):
+        raise b.fail("einsum must keep the batch letter first in the output (and name it alike in both operands)")
+    n = next(iter(batch), "")
+    x, sa = _einsum_sum_out(b, x, sa, sb + out)
+    y, sb = _einsum_sum_out(b, y, sb, sa + out)
+    shared = [c for c in out if c in sa and c in sb and c != n]
+    contract = [c for c in sa if c in sb and c not in out]
+    only_a = [c for c in sa if c not in sb and c != n]
+    only_b = [c for c in sb if c not in sa and c != n]
+    sizes = {c: d for v, s in ((x, sa), (y, sb)) for c, d in zip(s, ((-1,) if v.batched else ()) + v.shape,
+                                                                  strict=True)}
+
+    def prepared(v: Val, s: str, middle: list[str], last: list[str]) -> Val:
+        order = ([n] if v.batched else []) + shared + middle + last
+        v = _transpose_to(b, v, [s.index(c) for c in order])
+        rows = math.prod(sizes[c] for c in middle)
+        cols = math.prod(sizes[c] for c in last)
+        return b.reshape(v, (*[sizes[c] for c in shared], rows, cols))
+
+    xa = prepared(x, sa, only_a, contract)
+    yb = prepared(y, sb, contract, only_b)
+    batched = x.batched or y.batched
+    rank = max(xa.torch_rank, yb.torch_rank)
+    xa, yb = b.align(xa, rank, batched), b.align(yb, rank, batched)
+    prod = b.emit("matmul", [xa, yb], (*[sizes[c] for c in shared], xa.shape[-2], yb.shape[-1]), batched)
+    got = shared + only_a + only_b
+    res = b.reshape(prod, tuple(sizes[c] for c in got))
+    order = ([n] if n else []) + got
+    return _transpose_to(b, res, [order.index(c) for c in out])
+
+
+def _einsum_sum_out(b: Builder, v: Val, s: str, elsewhere: str) -> tuple[Val, str]:
+    """Sum over the letters that appear nowhere else (einsum's implicit reduction)."""
+    gone = [i for i, c in enumerate(s) if c not in elsewhere]
+    if not gone:
+        return v, s
+    axes = [v.axis(i) for i in gone]
+    if 0 in axes:
+        raise b.fail("einsum would sum over the batch axis")
+    shape = tuple(d for i, d in enumerate(v.shape, start=1) if i not in axes)
+    return b.emit("sum", [v], shape, v.batched, {"axes": axes, "keepdims": False}), "".join(
+        c for i, c in enumerate(s) if i not in gone)

@@ -380,8 +380,12 @@ def encoder_layer(b: Builder, m: nn.TransformerEncoderLayer, qual: str, x: Val) 
     attn = m.self_attn
     if not attn.batch_first:
         raise b.fail("TransformerEncoderLayer needs batch_first=True (the batch must be the first axis)")
-    if attn.dropout or not attn._qkv_same_embed_dim or attn.bias_k is not None:
-        raise b.fail("this TransformerEncoderLayer's attention options are not supported")
+    if attn.dropout:
+        raise b.fail(f"dropout inside the attention (TransformerEncoderLayer(dropout={attn.dropout})) is not "
+                     f"supported: build the layer with dropout=0.0 (dropout before and after it, as nn.Dropout "
+                     f"layers of your own, is)")
+    if not attn._qkv_same_embed_dim or attn.bias_k is not None:
+        raise b.fail("TransformerEncoderLayer attention with kdim/vdim or add_bias_kv is not supported")
     act = m.activation
     name = getattr(act, "__name__", type(act).__name__).lower()
     op = {"relu": "relu", "gelu": "gelu"}.get(name)

@@ -50,6 +50,7 @@ defelementwise("hardsigmoid", lambda x, a: (x / 6 + 0.5).clip(0.0, 1.0), lambda 
 defelementwise("softplus", lambda x, a: _softplus(x * a["beta"]) / a["beta"], lambda x, y, a: (x * a["beta"]).sigmoid())
 defelementwise("mish", lambda x, a: x * _softplus(x).tanh(),
                lambda x, y, a: _softplus(x).tanh() + x * (1 - _softplus(x).tanh() ** 2) * x.sigmoid())
+defelementwise("abs", lambda x, a: x.relu() + (-x).relu(), lambda x, y, a: 2 * x.step(0.0) - 1)
 defelementwise("exp", lambda x, a: x.exp(), lambda x, y, a: y)
 defelementwise("log", lambda x, a: x.log(), lambda x, y, a: 1 / x)
 defelementwise("sqrt", lambda x, a: x.sqrt(), lambda x, y, a: 0.5 / y)
