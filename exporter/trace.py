@@ -27,7 +27,7 @@ from .tracing.layers import LAYER_TYPES, LAYERS, drop_path_layer
 from .tracing.lockstep import is_batched, run_lockstep, same
 from .tracing.replay import remember
 
-__all__ = ["SUPPORTED", "Traced", "UnsupportedLayerError", "coverage", "trace", "trace_model"]
+__all__ = ["SUPPORTED_LAYERS", "SUPPORTED_OPS", "Traced", "UnsupportedLayerError", "trace", "trace_model"]
 
 #: constants (buffers other than BatchNorm statistics) stored in the program up to this size
 MAX_CONSTANT = 1 << 16
@@ -81,11 +81,10 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...]) -> Traced:
             continue
         args = _lookup(vals, n.args)
         kwargs = _lookup(vals, n.kwargs)
-        if not _has_tensor(a):
-            if not _has_value(args) and not _has_value(kwargs) or not _is_tensor_op(n):
-                vals[n.name] = a if same(a, c) else BatchSized(a, c)
-                numbers[n.name] = (a, c)
-                continue
+        if not _has_tensor(a):  # sizes, shapes, asserts: numbers, kept for the oracle's replay
+            vals[n.name] = a if same(a, c) else BatchSized(a, c)
+            numbers[n.name] = (a, c)
+            continue
         b.observed = _observed(b, n, a, c, args, kwargs)
         vals[n.name] = _convert(b, n, modules, args, kwargs)
         _check(b, n, vals[n.name], a)
@@ -116,21 +115,6 @@ def _has_tensor(v: Any) -> bool:
     if isinstance(v, torch.Tensor):
         return True
     return isinstance(v, (list, tuple)) and any(_has_tensor(x) for x in v)
-
-
-def _has_value(v: Any) -> bool:
-    if isinstance(v, (Val, ParamRef)):
-        return True
-    if isinstance(v, (list, tuple)):
-        return any(_has_value(x) for x in v)
-    if isinstance(v, dict):
-        return any(_has_value(x) for x in v.values())
-    return False
-
-
-def _is_tensor_op(n: fx.Node) -> bool:
-    """Calls that return no tensor but still need a rule (none yet: sizes and shapes do not)."""
-    return False
 
 
 def _attribute(b: Builder, target: str, a: Any, params: dict, buffers: dict) -> Any:
@@ -164,13 +148,11 @@ def _observed(b: Builder, n: fx.Node, a: Any, c: Any, args: Any, kwargs: Any) ->
 
 
 def _any_batched(v: Any) -> bool:
+    """Whether a call's arguments (nested lists, tuples, dicts) hold a per-sample value."""
     if isinstance(v, Val):
         return v.batched
-    if isinstance(v, (list, tuple)):
-        return any(_any_batched(x) for x in v)
-    if isinstance(v, dict):
-        return any(_any_batched(x) for x in v.values())
-    return False
+    items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else ()
+    return any(_any_batched(x) for x in items)
 
 
 def _what(n: fx.Node) -> str:
@@ -262,16 +244,3 @@ SUPPORTED_OPS = ("+ - * / ** neg abs", "relu/sigmoid/tanh/exp/log/sqrt/rsqrt/cla
                  "split/chunk/unbind", "mean/sum/amax", "matmul/bmm/@/two-operand einsum", "softmax/log_softmax",
                  "scaled_dot_product_attention", "F.linear/conv1d/conv2d/layer_norm/group_norm/pooling/interpolate",
                  "F.dropout", "contiguous/clone/detach")
-SUPPORTED = SUPPORTED_LAYERS
-
-
-def coverage(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[dict[str, int], list[str]]:
-    """Op counts of the traced program and the problems found (empty when it exports)."""
-    try:
-        program = trace(model, input_shape)
-    except UnsupportedLayerError as exc:
-        return {}, [str(exc)]
-    counts: dict[str, int] = {}
-    for n in program:
-        counts[n.op] = counts.get(n.op, 0) + 1
-    return counts, []

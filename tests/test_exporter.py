@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from asyncfgd.app.cli import app
 from asyncfgd.exporter.export import export_model
 from asyncfgd.exporter.models import build_model, model_spec
-from asyncfgd.exporter.reference_modules import jvp_module, segment_fn, set_bn_training
+from asyncfgd.exporter.reference_modules import jvp_module, segment_fn
 from asyncfgd.exporter.split import SplitError, split_program
 from asyncfgd.exporter.trace import UnsupportedLayerError, trace
 from asyncfgd.exporter.validate import NA_SINGLE_VALUE, _judge, _kink_samples, validate_artifacts
@@ -23,110 +23,11 @@ from asyncfgd.runtime.artifacts import ArtifactError, load_artifacts
 from asyncfgd.runtime.dual import fusions, rules
 from asyncfgd.runtime.dual import interpreter as dual
 from asyncfgd.runtime.dual.interpreter import run_program
-from asyncfgd.runtime.dual.program import ModuleSpec, stat_names, weight_names
+from asyncfgd.runtime.dual.program import ModuleSpec
 from asyncfgd.runtime.dual.rules import RuleContext
 from asyncfgd.runtime.dual.torch_ops import TorchOps
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These tensors are tiny: one thread is as fast, and immune to oversubscribed cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-# --------------------------------------------------------------------------- per-rule tests
-
-
-class Residual(nn.Module):
-    """conv(x) + x: the `add` rule with two tangent-carrying inputs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(4, 4, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x) + x
-
-
-RULE_CASES = {  # name: (layer, per-sample input shape, BatchNorm in train mode)
-    "linear": (lambda: nn.Linear(6, 5), (6,), False),
-    "linear_nobias": (lambda: nn.Linear(6, 5, bias=False), (6,), False),
-    "conv2d": (lambda: nn.Conv2d(4, 6, 3, padding=1), (4, 7, 7), False),
-    "conv2d_groups2_stride2": (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), (4, 7, 7), False),
-    "conv2d_depthwise": (lambda: nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=4, bias=False), (4, 7, 7), False),
-    "batchnorm2d_train": (lambda: nn.BatchNorm2d(4), (4, 5, 5), True),
-    # conv -> BN: on a zero input tangent the pair runs folded (conv_bn_from_data)
-    "conv_bn_train": (lambda: nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6)), (4, 7, 7), True),
-    "conv_bn_frozen": (lambda: nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6)), (4, 7, 7), False),
-    "conv_bn_stride2_dilated_train": (lambda: nn.Sequential(nn.Conv2d(3, 5, 3, 2, 2, 2, bias=False), nn.BatchNorm2d(5)),
-                                      (3, 9, 8), True),
-    "conv_bn_noaffine_train": (lambda: nn.Sequential(nn.Conv2d(2, 3, (1, 3), padding=(0, 1)),
-                                                     nn.BatchNorm2d(3, affine=False)), (2, 5, 6), True),
-    "batchnorm2d_frozen": (lambda: nn.BatchNorm2d(4), (4, 5, 5), False),
-    "layernorm_1d": (lambda: nn.LayerNorm(6), (6,), False),
-    "layernorm_chw": (lambda: nn.LayerNorm([4, 5, 5]), (4, 5, 5), False),
-    "relu": (nn.ReLU, (4, 5, 5), False),
-    "relu6": (nn.ReLU6, (4, 5, 5), False),
-    "gelu": (nn.GELU, (4, 5, 5), False),
-    "gelu_tanh": (lambda: nn.GELU(approximate="tanh"), (4, 5, 5), False),
-    "maxpool_k2s2": (lambda: nn.MaxPool2d(2), (4, 6, 6), False),
-    "maxpool_k3s2p1": (lambda: nn.MaxPool2d(3, 2, 1), (4, 7, 7), False),
-    "maxpool_ceil": (lambda: nn.MaxPool2d(3, 2, ceil_mode=True), (4, 8, 8), False),
-    "avgpool": (lambda: nn.AvgPool2d(2), (4, 6, 6), False),
-    "avgpool_k3s2p1_nopad_ceil": (lambda: nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False),
-                                  (4, 8, 8), False),
-    "global_avgpool": (lambda: nn.AdaptiveAvgPool2d(1), (4, 5, 5), False),
-    "flatten": (nn.Flatten, (4, 5, 5), False),
-    "add": (Residual, (4, 5, 5), False),
-    "dropout": (lambda: nn.Dropout(0.5), (4, 5, 5), False),
-}
-
-
-def _randomise(model: nn.Module) -> None:
-    """Non-trivial affine weights and running statistics (defaults are 1/0)."""
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if t.is_floating_point():
-                t.copy_(torch.rand_like(t) + 0.5 if name.endswith("running_var") else torch.randn_like(t))
-
-
-@pytest.mark.parametrize("m", [1, 3])
-@pytest.mark.parametrize("case", sorted(RULE_CASES))
-def test_rule_matches_torch_jvp(case, m, monkeypatch):
-    make, shape, bn_train = RULE_CASES[case]
-    folded = []
-    monkeypatch.setattr(dual, "conv_bn_from_data", lambda *a: folded.append(1) or fusions.conv_bn_from_data(*a))
-    torch.manual_seed(0)
-    model = nn.Sequential(make()).double().eval()
-    _randomise(model)
-    set_bn_training(model, bn_train)
-    nodes = trace(model, shape)
-    mod = ModuleSpec(0, nodes, "input")
-    sd = {k: v.clone() for k, v in model.state_dict().items()}
-    params = {q: sd[q] for q in weight_names(nodes)}
-    stats = {q: sd[q] for q in stat_names(nodes)}
-    n = 5
-    x = torch.randn(n, *shape, dtype=torch.float64)
-    x_dot = torch.randn(m, n, *shape, dtype=torch.float64)
-    tangents = {q: torch.randn(m, *p.shape, dtype=torch.float64) for q, p in params.items()}
-    for with_x_dot in ([True, False] if params else [True]):
-        xd = x_dot if with_x_dot else None
-        y, yd, new = run_program(TorchOps(torch.float64), nodes, "input", x, xd, params, tangents, stats,
-                                 RuleContext(m, True, bn_train))
-        for j in range(m):
-            ref_stats = {q: v.clone() for q, v in stats.items()}
-            y_ref, yd_ref = jvp_module(model, mod, x, None if xd is None else xd[j], params,
-                                       {q: u[j] for q, u in tangents.items()}, ref_stats)
-            torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
-            torch.testing.assert_close(yd[j], yd_ref, rtol=1e-10, atol=1e-10)
-            for q in new:  # train-mode BatchNorm: running statistics updated as nn.BatchNorm2d does
-                torch.testing.assert_close(new[q], ref_stats[q], rtol=1e-10, atol=1e-12)
-        assert bool(new) == bn_train
-    # the folded pair ran, once (on the zero tangent), where it pays: m > 1 or frozen BN
-    assert len(folded) == (case.startswith("conv_bn") and (m > 1 or not bn_train))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------- acceptance matrix

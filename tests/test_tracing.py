@@ -11,6 +11,8 @@ from asyncfgd.exporter.export import export_model
 from asyncfgd.exporter.reference_modules import jvp_module, set_bn_training
 from asyncfgd.exporter.split import SplitError, cut_points, split_program
 from asyncfgd.exporter.trace import UnsupportedLayerError, trace
+from asyncfgd.runtime.dual import fusions
+from asyncfgd.runtime.dual import interpreter as dual
 from asyncfgd.runtime.dual.interpreter import run_program
 from asyncfgd.runtime.dual.program import ModuleSpec, Node, stat_names, weight_names
 from asyncfgd.runtime.dual.rules import RULES, RuleContext
@@ -129,6 +131,52 @@ OP_CASES = {  # name: (model factory, per-sample input shape, BatchNorm in train
         (3, 4), False),
 }
 
+class Residual(nn.Module):
+    """conv(x) + x: the `add` rule with two tangent-carrying inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + x
+
+
+LAYER_CASES = {  # name: (layer, per-sample input shape, BatchNorm in train mode), each traced as nn.Sequential(layer)
+    "linear": (lambda: nn.Linear(6, 5), (6,), False),
+    "linear_nobias": (lambda: nn.Linear(6, 5, bias=False), (6,), False),
+    "conv2d": (lambda: nn.Conv2d(4, 6, 3, padding=1), (4, 7, 7), False),
+    "conv2d_groups2_stride2": (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), (4, 7, 7), False),
+    "conv2d_depthwise": (lambda: nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=4, bias=False), (4, 7, 7), False),
+    "batchnorm2d_train": (lambda: nn.BatchNorm2d(4), (4, 5, 5), True),
+    # conv -> BN: on a zero input tangent the pair runs folded (conv_bn_from_data)
+    "conv_bn_train": (lambda: nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6)), (4, 7, 7), True),
+    "conv_bn_frozen": (lambda: nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6)), (4, 7, 7), False),
+    "conv_bn_stride2_dilated_train": (lambda: nn.Sequential(nn.Conv2d(3, 5, 3, 2, 2, 2, bias=False), nn.BatchNorm2d(5)),
+                                      (3, 9, 8), True),
+    "conv_bn_noaffine_train": (lambda: nn.Sequential(nn.Conv2d(2, 3, (1, 3), padding=(0, 1)),
+                                                     nn.BatchNorm2d(3, affine=False)), (2, 5, 6), True),
+    "batchnorm2d_frozen": (lambda: nn.BatchNorm2d(4), (4, 5, 5), False),
+    "layernorm_1d": (lambda: nn.LayerNorm(6), (6,), False),
+    "layernorm_chw": (lambda: nn.LayerNorm([4, 5, 5]), (4, 5, 5), False),
+    "relu": (nn.ReLU, (4, 5, 5), False),
+    "relu6": (nn.ReLU6, (4, 5, 5), False),
+    "gelu": (nn.GELU, (4, 5, 5), False),
+    "gelu_tanh": (lambda: nn.GELU(approximate="tanh"), (4, 5, 5), False),
+    "maxpool_k2s2": (lambda: nn.MaxPool2d(2), (4, 6, 6), False),
+    "maxpool_k3s2p1": (lambda: nn.MaxPool2d(3, 2, 1), (4, 7, 7), False),
+    "maxpool_ceil": (lambda: nn.MaxPool2d(3, 2, ceil_mode=True), (4, 8, 8), False),
+    "avgpool": (lambda: nn.AvgPool2d(2), (4, 6, 6), False),
+    "avgpool_k3s2p1_nopad_ceil": (lambda: nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False),
+                                  (4, 8, 8), False),
+    "global_avgpool": (lambda: nn.AdaptiveAvgPool2d(1), (4, 5, 5), False),
+    "flatten": (nn.Flatten, (4, 5, 5), False),
+    "add": (Residual, (4, 5, 5), False),
+    "dropout": (lambda: nn.Dropout(0.5), (4, 5, 5), False),
+}
+OP_CASES.update({f"layer_{name}": ((lambda make=make: nn.Sequential(make())), shape, bn)
+                 for name, (make, shape, bn) in LAYER_CASES.items()})
+
 #: torch's hardsigmoid derivative multiplies by 1/6 rounded to float32, also in float64
 ROUGH = {"hardswish_hardsigmoid": 1e-7, "functional_activations": 1e-7}
 
@@ -152,19 +200,18 @@ def _case(name: str) -> tuple[nn.Module, tuple[int, ...], bool, list[Node]]:
     return model, shape, bn_train, trace(model, shape)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("m", [1, 3])
 @pytest.mark.parametrize("case", sorted(OP_CASES))
-def test_op_rule_matches_torch_jvp(case, m):
+def test_op_rule_matches_torch_jvp(case, m, monkeypatch):
     """y and every ẏ_j of the traced program, run with the dual rules, equal torch.func.jvp over the
-    model's own operations (float64), with and without an input tangent; BN statistics too."""
+    model's own operations (float64), with and without an input tangent; BN statistics too. A conv
+    read only by a BatchNorm runs as the folded pair (fusions.conv_bn_from_data) on a zero input
+    tangent where that pays (m > 1, or frozen BN), and only there."""
+    folded: list[int] = []
+    monkeypatch.setattr(dual, "conv_bn_from_data", lambda *a: folded.append(1) or fusions.conv_bn_from_data(*a))
     model, shape, bn_train, nodes = _case(case)
     mod = ModuleSpec(0, nodes, "input")
     sd = {k: v.clone() for k, v in model.state_dict().items()}
@@ -189,19 +236,15 @@ def test_op_rule_matches_torch_jvp(case, m):
             torch.testing.assert_close(yd[j], yd_ref, rtol=ROUGH.get(case, 1e-9), atol=ROUGH.get(case, 1e-10))
             for q in new:
                 torch.testing.assert_close(new[q], ref_stats[q], rtol=1e-10, atol=1e-12)
+        assert bool(new) == bn_train
+    assert len(folded) == (case.startswith("layer_conv_bn") and (m > 1 or not bn_train))
 
 
 def test_every_rule_has_a_test():
-    """A rule registered without a case here (or in tests/test_exporter.py's layer cases, traced
-    the same way) fails this test."""
-    from test_exporter import RULE_CASES
-
+    """A rule registered without a case here fails this test."""
     covered: set[str] = set()
     for name in OP_CASES:
         covered |= {n.op for n in _case(name)[3]}
-    for make, shape, _ in RULE_CASES.values():
-        torch.manual_seed(0)
-        covered |= {n.op for n in trace(nn.Sequential(make()), shape)}
     covered |= {"dropout"}  # tests/test_dropout.py: masks come from the runtime
     missing = sorted(set(RULES) - covered - LEGACY_RULES)
     assert not missing, f"rules without a test case: {missing}"
