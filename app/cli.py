@@ -10,6 +10,7 @@ from asyncfgd.app.commands import (
     build,
     doctor,
     export,
+    export_inference,
     pretrain,
     report,
     save_torch,
@@ -29,7 +30,7 @@ def version() -> None:
 
 
 for command in (doctor, build, bench, bench_pipeline, bench_tangents, train, save_torch, sweep, pretrain, report,
-                export, validate):
+                export, export_inference, validate):
     command.register(app)
 
 

@@ -64,6 +64,12 @@ class OnnxOps:
         self.inputs.append(helper.make_tensor_value_info(name, dtype, dims))
         return OnnxValue(name, tuple(shape))
 
+    def initializer(self, name: str, value: np.ndarray) -> OnnxValue:
+        """A named float32 constant (a weight baked into an inference graph)."""
+        arr = np.asarray(value, dtype=np.float32)
+        self.initializers.append(numpy_helper.from_array(arr, name))
+        return OnnxValue(name, tuple(arr.shape))
+
     def output(self, name: str, v: OnnxValue) -> None:
         """Expose ``v`` as graph output ``name``: renames the producer's output (an Identity would copy)."""
         producer = next((n for n in self.nodes if v.name in n.output), None)
