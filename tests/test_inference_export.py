@@ -104,3 +104,23 @@ def test_export_runs_without_torch(runs, tmp_path):
 def test_bad_run_directory_is_a_clear_error(tmp_path):
     result = _invoke(["export-inference", str(tmp_path), "--out", str(tmp_path / "m.onnx")])
     assert result.exit_code == 2 and "no config.json" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("name", ["vit_tiny", "efficientnet_b0", "densenet_block_net"])
+def test_any_traced_model_exports_for_inference(name, tmp_path):
+    """Fixtures with attention, drop-path, squeeze-excite and dropout (off at inference), via the
+    Python API: the graph computes the model in eval mode."""
+    from architectures import FIXTURES
+
+    from asyncfgd.exporter.export import export_model
+    from asyncfgd.exporter.inference import export_inference
+
+    make, shape = FIXTURES[name]
+    model = make()
+    export_model(model, tmp_path / "art", shape, 10, modules=2)
+    export_inference(tmp_path / "art", tmp_path / "m.onnx")
+    x = np.random.default_rng(0).standard_normal((5, *shape)).astype(np.float32)
+    with torch.no_grad():
+        want = model.eval()(torch.from_numpy(x)).numpy()
+    got = _session(tmp_path / "m.onnx").run(None, {"x": x})[0]
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
