@@ -10,6 +10,7 @@ import onnx
 import typer
 
 from asyncfgd.app.commands.common import USER_ERRORS, fail
+from asyncfgd.runtime import contract as c
 
 RunArg = Annotated[Path, typer.Argument(help="Run directory written by `asyncfgd-app train` (config.json, "
                                              "checkpoint.npz).")]
@@ -87,6 +88,6 @@ def _accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, batch: int =
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     right = 0
     for i in range(0, len(y), batch):
-        logits = sess.run(["logits"], {"x": x[i:i + batch].astype(np.float32)})[0]
+        logits = sess.run([c.LOGITS], {c.X: x[i:i + batch].astype(np.float32)})[0]
         right += int((logits.argmax(1) == y[i:i + batch]).sum())
     return right / max(1, len(y))
