@@ -19,7 +19,12 @@ from asyncfgd.app.commands import (
     validate,
 )
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# Plain click help instead of rich's panels: at 80 columns rich squeezed each option's help into a
+# column of ~18 characters (and read [vision] or :factory: in help texts as markup); click gives
+# the help ~46 columns there and uses up to HELP_WIDTH on wider terminals.
+HELP_WIDTH = 100
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  context_settings={"max_content_width": HELP_WIDTH},
                   help="Forward-gradient (AsyncFGD) training without backpropagation.")
 
 

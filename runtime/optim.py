@@ -72,6 +72,9 @@ class Optimizer:
         self._per_tensor: list[str] = []  # states shaped like the weights, in group order
         self._state_spans: list[Array] = []  # each such state as one buffer, where the weights are one
         self.normalize = normalize
+        #: when set, each step adds the estimate's norm ‖g‖ (before clipping) to ``norm_sum`` (run logs)
+        self.track_norm = False
+        self.norm_sum, self.norm_steps = 0.0, 0
         if normalize is not None and largest is not None:
             self._state["noise"] = {"mean_square": xp.zeros_like(_flat(largest)[:1])}
 
@@ -99,6 +102,9 @@ class Optimizer:
         if grads.keys() != self.params.keys():
             raise ValueError(f"gradient names {sorted(grads)} do not match parameters {sorted(self.params)}")
         self.steps += 1
+        if self.track_norm:
+            self.norm_sum += math.sqrt(self._sum_squares(list(grads.values())))
+            self.norm_steps += 1
         groups = self._groups(grads)
         # norms are summed tensor by tensor (a float32 sum's rounding depends on its extent); the
         # scaling then runs over the groups

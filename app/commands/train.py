@@ -32,6 +32,8 @@ from asyncfgd.app.commands.train_options import (
     DataOpt,
     EpochsOpt,
     FreezeUntilOpt,
+    LogEveryOpt,
+    LogOpt,
     LrOpt,
     LrScheduleOpt,
     MethodOpt,
@@ -51,6 +53,7 @@ from asyncfgd.app.commands.train_options import (
     WeightDecayOpt,
     WeightsOpt,
 )
+from asyncfgd.app.training import run_log
 from asyncfgd.app.training.config import Interrupted, TrainConfig, saved_config
 from asyncfgd.app.training.loop import train
 from asyncfgd.exporter.model_sources import short_name
@@ -76,15 +79,18 @@ def _flags(names: list[str]) -> str:
     return ", ".join("--" + n.replace("_", "-") for n in names)
 
 
+#: what --resume may change: the length of the run and how it is watched
+RESUME_MAY_CHANGE = ("epochs", "log", "log_every")
+
+
 def _resumed_config(ctx: typer.Context, run_dir: Path) -> TrainConfig:
-    """The saved configuration; only --epochs may be changed on resume."""
-    extra = [n for n in _explicit(ctx, list(ctx.params)) if n not in ("resume", "epochs")]
+    """The saved configuration; only --epochs and how the run is watched may be changed on resume."""
+    extra = [n for n in _explicit(ctx, list(ctx.params)) if n not in ("resume", *RESUME_MAY_CHANGE)]
     if extra:
         fail(f"--resume continues a run with its saved settings; remove {_flags(extra)} "
-             f"(only --epochs may change).")
+             f"(only {_flags(list(RESUME_MAY_CHANGE))} may change).")
     cfg = saved_config(run_dir)
-    epochs = ctx.params["epochs"] if _explicit(ctx, ["epochs"]) else cfg.epochs
-    return replace(cfg, run_dir=str(run_dir), epochs=epochs)
+    return replace(cfg, run_dir=str(run_dir), **{n: ctx.params[n] for n in _explicit(ctx, RESUME_MAY_CHANGE)})
 
 
 def new_config(ctx: typer.Context) -> TrainConfig:
@@ -145,12 +151,15 @@ def train_cmd(
     freeze_until: FreezeUntilOpt = None,
     run_dir: RunDirOpt = None,
     resume: ResumeOpt = None,
+    log: LogOpt = None,
+    log_every: LogEveryOpt = None,
 ) -> None:
     """Train with forward gradients (or the backprop baseline); writes a run directory with metrics and
     checkpoints."""
     try:
         # the options are read from ctx.params: they have the names of TrainConfig's fields
         cfg = _resumed_config(ctx, resume) if resume is not None else new_config(ctx)
+        run_log.check(cfg.log)  # a missing TensorBoard/MLflow package fails now, not after an --lr auto sweep
         typer.echo(f"run directory: {cfg.run_dir}")
     except USER_ERRORS as exc:
         fail(str(exc))

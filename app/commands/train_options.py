@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 
 import typer
 
+from asyncfgd.app.training import run_log
 from asyncfgd.app.training.config import TrainConfig
 from asyncfgd.app.training.learners import STORE_TANGENTS_BUDGET
 from asyncfgd.runtime.contract import BN_MODES
@@ -31,6 +32,14 @@ def _lr(value: str) -> float | str:
     if not lr >= 0:
         raise typer.BadParameter(f"expected a number >= 0 such as 1e-3, or 'auto', got {value!r}")
     return lr
+
+
+def _log(values: list[str] | None) -> list[str]:
+    """``--log``: repeated and/or comma-separated sink names -> a list (empty when not given)."""
+    try:
+        return run_log.parse(values)
+    except run_log.RunLogError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 ArtifactsOpt = Annotated[Path | None, typer.Option(
@@ -148,4 +157,13 @@ RunDirOpt = Annotated[Path | None, typer.Option(
     help="Output directory (default: runs/TIME-MODEL-METHOD).")]
 ResumeOpt = Annotated[Path | None, typer.Option(
     help="Continue the run in this directory from its last "
-    "checkpoint, with its saved settings (only --epochs may change).")]
+    "checkpoint, with its saved settings (only --epochs, --log and --log-every may change).")]
+LogOpt = Annotated[list[str] | None, typer.Option(
+    "--log", metavar="SINK", callback=_log, show_default=False,
+    help="Also send every epoch (losses, accuracies, learning rate, alpha per module, samples/s) to "
+    "tensorboard (event files in RUN_DIR/tensorboard; `pip install 'asyncfgd[tensorboard]'`) and/or mlflow (a run "
+    "in RUN_DIR/mlruns or $MLFLOW_TRACKING_URI; `pip install 'asyncfgd[mlflow]'`). Repeat it or use commas: "
+    "--log tensorboard,mlflow. Default: none; metrics.csv and curves.png are always written.")]
+LogEveryOpt = Annotated[int | None, typer.Option(
+    min=1, show_default=False, help="Print a summary line every N epochs (and after the first and the last). "
+    "Default: epochs / 10, about ten lines a run; on a terminal one progress bar shows the rest.")]

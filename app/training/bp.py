@@ -124,6 +124,10 @@ class BpLearner:
     def finish(self) -> list[StepOutcome]:
         return []
 
+    def estimate_norms(self) -> list[float | None]:
+        """Backprop has no estimate (its exact gradient is not logged)."""
+        return []
+
     def evaluate(self, x: np.ndarray) -> np.ndarray:
         self._mode(False)
         with torch.no_grad():

@@ -70,6 +70,9 @@ class TrainConfig:
     freeze_until: str | None = None  # modules up to the one holding this layer get alpha 0 (and bp freezes them)
     lr_sweep: str | None = None  # the sweep directory whose winner is ``lr`` (train --lr auto)
     run_dir: str = ""
+    # how the run is watched (no effect on the weights; may change on --resume)
+    log: list[str] = field(default_factory=list)  # run logs besides metrics.csv (--log): tensorboard, mlflow
+    log_every: int | None = None  # a console summary line every N epochs; None: max(1, epochs // 10)
 
     def alpha_schedule(self) -> AlphaSchedule:
         return AlphaSchedule(self.alpha_preset, self.alpha_value, self.alpha_warm_epochs, self.alpha_ramp_epochs,
@@ -83,6 +86,10 @@ class TrainConfig:
 
     def optimizer_kw(self) -> dict[str, Any]:
         return {"weight_decay": self.weight_decay, "clip_norm": self.clip_norm, "normalize": self.normalize}
+
+    def summary_every(self) -> int:
+        """Epochs between the console's summary lines: --log-every, else about ten lines a run."""
+        return self.log_every or max(1, self.epochs // 10)
 
 
 def saved_config(run_dir: Path) -> TrainConfig:

@@ -29,6 +29,10 @@ class Learner(Protocol):
         """Logits with the current weights, BatchNorm on running statistics."""
         ...
 
+    def estimate_norms(self) -> list[float | None]:
+        """Per module, the mean norm of the gradient estimates applied since the last call (run logs)."""
+        ...
+
     def state(self) -> tuple[checkpoint.Arrays, dict[str, Any]]:
         ...
 
@@ -79,6 +83,17 @@ class FgdLearner:
         self.scheduler = make_scheduler(self.runners, cfg.method, cfg.optimizer, cfg.lr_fn(steps_per_epoch), alpha,
                                         Perturbation(cfg.seed, cfg.tangent_mode, store_tangents(cfg, arts)),
                                         cfg.optimizer_kw())
+        for opt in self.scheduler.optimizers:
+            opt.track_norm = bool(cfg.log)  # one extra pass over each estimate, for the run logs only
+
+    def estimate_norms(self) -> list[float | None]:
+        """Each module's mean ‖ĝ‖ (the forward-gradient estimate, before clipping) since the last call
+        (None for a module without updates); with ``--log`` only."""
+        out: list[float | None] = []
+        for opt in self.scheduler.optimizers:
+            out.append(opt.norm_sum / opt.norm_steps if opt.norm_steps else None)
+            opt.norm_sum, opt.norm_steps = 0.0, 0
+        return out
 
     def feed(self, x: np.ndarray, onehot: np.ndarray) -> list[StepOutcome]:
         return self.scheduler.feed(x, onehot)

@@ -8,6 +8,10 @@ step, module), schedules of the step; the checkpoint holds everything else (weig
 statistics, optimizer states, the pipeline's in-flight mini-batches), so a resumed run repeats
 the uninterrupted one bit for bit.
 
+The console shows one progress bar for the whole run (on a terminal only) and a summary line
+every ``--log-every`` epochs; ``--log`` also sends every epoch to TensorBoard and/or MLflow
+(run_log.py). metrics.csv and curves.png are written either way.
+
 ``--validation F`` evaluates on a stratified fraction F carved off the training set (and trains on
 the rest), for choosing hyper-parameters without looking at the test set; the metrics columns are
 then ``val_loss``/``val_acc``. ``--epochs 0`` only evaluates the starting weights (e.g. pretrained
@@ -16,6 +20,7 @@ ones before fine-tuning).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -26,7 +31,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from asyncfgd.app.training import checkpoint, metrics
+from asyncfgd.app.training import checkpoint, metrics, run_log
 from asyncfgd.app.training.artifact_cache import ExportOptions, cached_artifacts
 from asyncfgd.app.training.config import Diverged, Interrupted, TrainConfig, TrainError
 from asyncfgd.app.training.data import ArrayDataset, BatchStream, DatasetSplits, load_dataset, one_hot, split_validation
@@ -37,6 +42,9 @@ from asyncfgd.runtime.engine import LOCAL_METHOD
 from asyncfgd.runtime.scheduler import NonFiniteLoss
 
 EVAL_CHUNK = 512
+#: the run's one progress bar, e.g. ``epoch 9/100   8%|█     | ETA 01:02, loss 0.210 acc 95.4% | test 95.3%``:
+#: fits 80 columns (the bar takes what is left); samples/s are in metrics.csv and the run logs
+BAR_FORMAT = "{desc} {percentage:3.0f}%|{bar}| ETA {remaining}{postfix}"
 #: curves.png is redrawn after an epoch only if this long has passed (a redraw costs ~0.2 s), and at the end
 PLOT_EVERY_S = 10.0
 
@@ -165,6 +173,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
     if not resume and (run_dir / checkpoint.FILENAME).exists():
         raise TrainError(f"{run_dir} already holds a run; continue it with `--resume {run_dir}` or pick another "
                          f"--run-dir.")
+    run_log.check(cfg.log)  # a missing TensorBoard/MLflow library fails here, before any work
     data = load_dataset(cfg.data)
     rd = run_data(cfg, data)
     arts = resolve_artifacts(cfg, data)
@@ -178,12 +187,14 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
     learner = make_learner(arts, cfg, steps)
     try:
         if cfg.epochs == 0 and not resume:
-            return _evaluate_only(run_dir, rd, learner, log)
+            with run_log.RunLog.open(cfg, run_dir, 0, log) as sinks:
+                return _evaluate_only(run_dir, rd, learner, log, sinks)
         progress = _restore(run_dir, learner) if resume else Progress()
         if progress.finished_epochs >= cfg.epochs:
             log(f"{run_dir} has finished its {cfg.epochs} epochs already (extend it with --epochs).")
         else:
-            _loop(cfg, run_dir, rd, stream, learner, progress, log, arts.manifest["model"], bars)
+            with run_log.RunLog.open(cfg, run_dir, progress.finished_epochs + 1, log) as sinks:
+                _loop(cfg, run_dir, rd, stream, learner, progress, log, arts, bars, sinks)
         return progress.history[-1][f"{rd.eval_name}_acc"]
     except NonFiniteLoss as exc:
         kept = (f"the last good checkpoint (after epoch {progress.finished_epochs}) in {run_dir} is kept"
@@ -195,9 +206,11 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
         learner.close()
 
 
-def _evaluate_only(run_dir: Path, rd: RunData, learner: Learner, log: Callable[[str], None]) -> float:
+def _evaluate_only(run_dir: Path, rd: RunData, learner: Learner, log: Callable[[str], None],
+                   sinks: run_log.RunLog) -> float:
     """``--epochs 0``: one metrics row (epoch 0, no training columns) for the starting weights; no checkpoint."""
     loss, acc = evaluate_split(learner, rd.eval)
+    sinks.write(0, {f"loss/{rd.eval_name}": loss, f"accuracy/{rd.eval_name}": acc})
     nan = float("nan")
     row = {"epoch": 0, "train_loss": nan, "train_acc": nan, f"{rd.eval_name}_loss": round(loss, 6),
            f"{rd.eval_name}_acc": round(acc, 6), "samples_per_s": 0.0, "wall_s": 0.0,
@@ -207,36 +220,85 @@ def _evaluate_only(run_dir: Path, rd: RunData, learner: Learner, log: Callable[[
     return acc
 
 
+def _clock(seconds: float) -> str:
+    """Elapsed time as m:ss or h:mm:ss."""
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def _bar_disable(bars: bool) -> bool | None:
+    """tqdm's ``disable``: off when asked (``bars=False``, TQDM_DISABLE set), else None: drawn only when
+    stderr is a terminal, so a log file or a pipe gets the summary lines and no bar redraws."""
+    if not bars or os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false"):
+        return True
+    return None
+
+
+def _alphas(cfg: TrainConfig, arts: Artifacts, steps: int) -> Callable[[int], list[float]]:
+    """Each module's α at a step, as the FGD learner computes it (none for bp, which has no tangents)."""
+    if cfg.method == "bp":
+        return lambda step: []
+    schedule, K, frozen = cfg.alpha_schedule(), len(arts.modules), frozen_modules(arts.modules, cfg.freeze_until)
+    return lambda step: [0.0 if k < frozen else schedule.alpha(k, K, step / steps) for k in range(K)]
+
+
+def _scalars(eval_name: str, stats: metrics.EpochStats, eval_loss: float, eval_acc: float, lr: float,
+             alphas: list[float], norms: list[float | None]) -> dict[str, float]:
+    """One epoch's record for the run logs (run_log.py): the step is the epoch, lr and α at its last step,
+    each module's mean estimate norm ‖ĝ‖ over the epoch's updates."""
+    out = {"loss/train": stats.loss, f"loss/{eval_name}": eval_loss, "accuracy/train": stats.acc,
+           f"accuracy/{eval_name}": eval_acc, "lr": lr, "samples_per_s": stats.samples_per_s,
+           **{f"alpha/module{k}": a for k, a in enumerate(alphas)},
+           **{f"estimate_norm/module{k}": v for k, v in enumerate(norms) if v is not None}}
+    if stats.jvp_rms is not None:
+        out["fgd/jvp_rms"] = stats.jvp_rms
+    return out
+
+
 def _loop(cfg: TrainConfig, run_dir: Path, rd: RunData, stream: BatchStream, learner: Learner,
-          progress: Progress, log: Callable[[str], None], model_spec: dict[str, Any], bars: bool) -> None:
+          progress: Progress, log: Callable[[str], None], arts: Artifacts, bars: bool,
+          sinks: run_log.RunLog) -> None:
+    """The epochs left: one bar over every step of the run, a summary line every ``cfg.summary_every()``
+    epochs (and after the first and the last), each epoch into metrics.csv, curves.png and the run logs."""
+    model_spec = arts.manifest["model"]
+    steps, every = len(stream), cfg.summary_every()
+    lr_at, alphas_at = cfg.lr_fn(steps), _alphas(cfg, arts, steps)
+    first = progress.epoch
     started = time.perf_counter() - progress.elapsed_s
     plotted = time.perf_counter()
-    with _SigintFlag() as sigint:
+    last_eval = f" | {rd.eval_name} {progress.history[-1][f'{rd.eval_name}_acc']:.1%}" if progress.history else ""
+    bar = tqdm(total=cfg.epochs * steps, initial=progress.epoch * steps + progress.batch, leave=False,
+               dynamic_ncols=True, disable=_bar_disable(bars), bar_format=BAR_FORMAT)
+
+    def say(line: str) -> None:
+        if bar.disable:
+            log(line)
+        else:
+            with tqdm.external_write_mode():  # clear the bar, print, redraw it
+                log(line)
+
+    with _SigintFlag() as sigint, bar:
         for epoch in range(progress.epoch, cfg.epochs):
             stats = progress.stats
-            bar = tqdm(total=len(stream), initial=progress.batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       unit="batch", leave=False, dynamic_ncols=True, disable=not bars)
+            bar.set_description_str(f"epoch {epoch + 1}/{cfg.epochs}", refresh=False)
             tick = time.perf_counter()
             for i, (x, y) in enumerate(stream.epoch(epoch, progress.batch), start=progress.batch):
                 for out in learner.feed(x, one_hot(y, rd.num_classes)):
-                    stats.add(out.loss, out.logits, out.labels)
+                    stats.add(out.loss, out.logits, out.labels, out.loss_dot)
                 stats.fed += len(y)
                 now = time.perf_counter()
                 stats.seconds, tick = stats.seconds + now - tick, now
                 bar.update()
-                bar.set_postfix({"loss": f"{stats.loss:.3f}", "acc": f"{stats.acc:.1%}",
-                                 "samples/s": f"{stats.samples_per_s:.0f}"}, refresh=False)
+                bar.set_postfix_str(f"loss {stats.loss:.3f} acc {stats.acc:.1%}{last_eval}", refresh=False)
                 if sigint.raised:
-                    bar.close()
                     progress.epoch, progress.batch = epoch, i + 1
                     progress.elapsed_s = time.perf_counter() - started
                     _save(run_dir, cfg, model_spec, learner, progress)
                     raise Interrupted(run_dir, epoch, i + 1)
-            bar.close()
             last = epoch == cfg.epochs - 1
             if last:
                 for out in learner.finish():
-                    stats.add(out.loss, out.logits, out.labels)
+                    stats.add(out.loss, out.logits, out.labels, out.loss_dot)
             eval_loss, eval_acc = evaluate_split(learner, rd.eval)
             progress.elapsed_s = time.perf_counter() - started
             progress.history.append({
@@ -244,6 +306,11 @@ def _loop(cfg: TrainConfig, run_dir: Path, rd: RunData, stream: BatchStream, lea
                 f"{rd.eval_name}_loss": round(eval_loss, 6), f"{rd.eval_name}_acc": round(eval_acc, 6),
                 "samples_per_s": round(stats.samples_per_s, 1), "wall_s": round(progress.elapsed_s, 3),
                 "peak_rss_mb": round(metrics.peak_rss_mb(), 1)})
+            # the run logs before the checkpoint: a process killed in between repeats this epoch on resume,
+            # which the logs hide or skip (run_log.py), instead of leaving a gap
+            end_step = (epoch + 1) * steps - 1
+            sinks.write(epoch + 1, _scalars(rd.eval_name, stats, eval_loss, eval_acc, lr_at(end_step),
+                                            alphas_at(end_step), learner.estimate_norms()))
             progress.epoch, progress.batch, progress.stats = epoch + 1, 0, metrics.EpochStats()
             _save(run_dir, cfg, model_spec, learner, progress)
             metrics.write_csv(run_dir / "metrics.csv", progress.history, rd.eval_name)
@@ -251,5 +318,7 @@ def _loop(cfg: TrainConfig, run_dir: Path, rd: RunData, stream: BatchStream, lea
                 metrics.plot(run_dir / "curves.png", progress.history, f"{model_spec['name']} - {cfg.method}",
                              rd.eval_name)
                 plotted = time.perf_counter()
-            log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats.loss:.4f} acc {stats.acc:.1%} | {rd.eval_name} "
-                f"loss {eval_loss:.4f} acc {eval_acc:.1%} | {stats.samples_per_s:.0f} samples/s")
+            last_eval = f" | {rd.eval_name} {eval_acc:.1%}"
+            if last or epoch == first or (epoch + 1) % every == 0:
+                say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats.loss:.3f} acc {stats.acc:.1%} | "
+                    f"{rd.eval_name} loss {eval_loss:.3f} acc {eval_acc:.1%} | {_clock(progress.elapsed_s)}")

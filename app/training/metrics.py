@@ -57,12 +57,17 @@ class EpochStats:
     batches: int = 0
     fed: int = 0
     seconds: float = 0.0
+    dot_sq_sum: float = 0.0  # FGD: sum of the squared directional derivatives ∇L·u of the steps (run logs)
+    dots: int = 0
 
-    def add(self, loss: float, logits: np.ndarray, onehot: np.ndarray) -> None:
+    def add(self, loss: float, logits: np.ndarray, onehot: np.ndarray, loss_dot: np.ndarray | None = None) -> None:
         self.loss_sum += loss
         self.batches += 1
         self.correct += correct(logits, onehot.argmax(axis=1))
         self.samples += len(onehot)
+        if loss_dot is not None:
+            self.dot_sq_sum += float(np.square(loss_dot, dtype=np.float64).sum())
+            self.dots += len(loss_dot)
 
     @property
     def loss(self) -> float:
@@ -75,6 +80,11 @@ class EpochStats:
     @property
     def samples_per_s(self) -> float:
         return self.fed / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def jvp_rms(self) -> float | None:
+        """RMS of the epoch's directional derivatives (all modules' tangents together); None without them."""
+        return (self.dot_sq_sum / self.dots) ** 0.5 if self.dots else None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
