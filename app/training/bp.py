@@ -128,6 +128,10 @@ class BpLearner:
         """Backprop has no estimate (its exact gradient is not logged)."""
         return []
 
+    def alphas(self, step: int) -> list[float]:
+        """Backprop has no tangents."""
+        return []
+
     def evaluate(self, x: np.ndarray) -> np.ndarray:
         self._mode(False)
         with torch.no_grad():

@@ -33,6 +33,10 @@ class Learner(Protocol):
         """Per module, the mean norm of the gradient estimates applied since the last call (run logs)."""
         ...
 
+    def alphas(self, step: int) -> list[float]:
+        """Each module's α at ``step`` (none for a method without tangents)."""
+        ...
+
     def state(self) -> tuple[checkpoint.Arrays, dict[str, Any]]:
         ...
 
@@ -85,6 +89,10 @@ class FgdLearner:
                                         cfg.optimizer_kw())
         for opt in self.scheduler.optimizers:
             opt.track_norm = bool(cfg.log)  # one extra pass over each estimate, for the run logs only
+        self._alpha, self._modules = alpha, K
+
+    def alphas(self, step: int) -> list[float]:
+        return [self._alpha(k, step) for k in range(self._modules)]
 
     def estimate_norms(self) -> list[float | None]:
         """Each module's mean ‖ĝ‖ (the forward-gradient estimate, before clipping) since the last call

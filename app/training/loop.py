@@ -234,14 +234,6 @@ def _bar_disable(bars: bool) -> bool | None:
     return None
 
 
-def _alphas(cfg: TrainConfig, arts: Artifacts, steps: int) -> Callable[[int], list[float]]:
-    """Each module's α at a step, as the FGD learner computes it (none for bp, which has no tangents)."""
-    if cfg.method == "bp":
-        return lambda step: []
-    schedule, K, frozen = cfg.alpha_schedule(), len(arts.modules), frozen_modules(arts.modules, cfg.freeze_until)
-    return lambda step: [0.0 if k < frozen else schedule.alpha(k, K, step / steps) for k in range(K)]
-
-
 def _scalars(eval_name: str, stats: metrics.EpochStats, eval_loss: float, eval_acc: float, lr: float,
              alphas: list[float], norms: list[float | None]) -> dict[str, float]:
     """One epoch's record for the run logs (run_log.py): the step is the epoch, lr and α at its last step,
@@ -262,7 +254,7 @@ def _loop(cfg: TrainConfig, run_dir: Path, rd: RunData, stream: BatchStream, lea
     epochs (and after the first and the last), each epoch into metrics.csv, curves.png and the run logs."""
     model_spec = arts.manifest["model"]
     steps, every = len(stream), cfg.summary_every()
-    lr_at, alphas_at = cfg.lr_fn(steps), _alphas(cfg, arts, steps)
+    lr_at = cfg.lr_fn(steps)
     first = progress.epoch
     started = time.perf_counter() - progress.elapsed_s
     plotted = time.perf_counter()
@@ -310,7 +302,7 @@ def _loop(cfg: TrainConfig, run_dir: Path, rd: RunData, stream: BatchStream, lea
             # which the logs hide or skip (run_log.py), instead of leaving a gap
             end_step = (epoch + 1) * steps - 1
             sinks.write(epoch + 1, _scalars(rd.eval_name, stats, eval_loss, eval_acc, lr_at(end_step),
-                                            alphas_at(end_step), learner.estimate_norms()))
+                                            learner.alphas(end_step), learner.estimate_norms()))
             progress.epoch, progress.batch, progress.stats = epoch + 1, 0, metrics.EpochStats()
             _save(run_dir, cfg, model_spec, learner, progress)
             metrics.write_csv(run_dir / "metrics.csv", progress.history, rd.eval_name)
