@@ -279,8 +279,9 @@ class OnnxOps:
 
     def pad(self, x: OnnxValue, pads_hw: Sequence[int], value: float) -> OnnxValue:
         top, left, bottom, right = pads_hw
-        pads = self._ints([0, 0, top, left, 0, 0, bottom, right])
-        shape = (*x.shape[:2], x.shape[2] + top + bottom, x.shape[3] + left + right)
+        lead = [0] * (len(x.shape) - 2)
+        pads = self._ints([*lead, top, left, *lead, bottom, right])
+        shape = (*x.shape[:-2], x.shape[-2] + top + bottom, x.shape[-1] + left + right)
         return self._node("Pad", [x.name, pads.name, self.const(value).name], shape, mode="constant")
 
     def reshape(self, x: OnnxValue, shape: Sequence[int]) -> OnnxValue:

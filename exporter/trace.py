@@ -241,6 +241,8 @@ SUPPORTED_LAYERS = ("Linear", "Conv1d", "Conv2d (any groups, stride, dilation, '
 SUPPORTED_OPS = ("+ - * / ** neg abs", "relu/sigmoid/tanh/exp/log/sqrt/rsqrt/clamp and F.* activations",
                  "view/reshape/flatten",
                  "squeeze/unsqueeze", "permute/transpose", "expand", "indexing and slicing", "cat/stack",
-                 "split/chunk/unbind", "mean/sum/amax", "matmul/bmm/@/two-operand einsum", "softmax/log_softmax",
+                 "split/chunk/unbind", "mean/sum/amax/max(dim)/var/std", "matmul/bmm/@/two-operand einsum",
+                 "softmax/log_softmax",
                  "scaled_dot_product_attention", "F.linear/conv1d/conv2d/layer_norm/group_norm/pooling/interpolate",
-                 "F.dropout", "contiguous/clone/detach")
+                 "F.dropout", "F.normalize", "F.pad (constant)", "zeros_like/ones_like/full_like",
+                 "contiguous/clone/detach")

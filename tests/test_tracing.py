@@ -79,6 +79,13 @@ OP_CASES = {  # name: (model factory, per-sample input shape, BatchNorm in train
         "nij,j->ni", x, m.c), w=_p(4, 5), v=_p(3, 4), c=_p(4)), (3, 4), False),
     "clamp_abs": (lambda: Op(lambda m, x: x.clamp(-0.5, 1.0) + torch.clamp(x, min=0.2) + x.clamp(max=0.1)
                              + x.abs()), (3, 5), False),
+    "var_std_normalize_max": (lambda: Op(lambda m, x: x.var(-1, keepdim=True)
+                                         + torch.std(x, dim=1).mean(-1)[:, None, None]
+                                         + x.var(dim=(1, 2), unbiased=False)[:, None, None] + F.normalize(x, dim=-1)
+                                         + torch.max(x, 1).values[:, None] + x.max(dim=-1, keepdim=True)[0]),
+                              (3, 5), False),
+    "pad_fill": (lambda: Op(lambda m, x: F.pad(x, (1, 2), value=0.5)[..., 1:-2] + F.pad(x[:, None], (1, 0, 0, 2))[
+        :, 0, :-2, 1:] + torch.zeros_like(x) + torch.ones_like(x) * 2 + torch.full_like(x, 0.25)), (3, 5), False),
     "matmul_weight_on_left": (lambda: Op(lambda m, x: torch.matmul(m.w, x), w=_p(2, 3)), (3, 4), False),
     "softmax_log_softmax": (lambda: Op(lambda m, x: F.softmax(x, -1) + F.log_softmax(x, dim=1) + x.softmax(1)),
                             (3, 5), False),

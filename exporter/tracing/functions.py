@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from asyncfgd.runtime.dual.program import BATCH_REF
 
-from .builder import BatchSized, Builder, Val
+from .builder import BatchSized, Builder, UnsupportedLayerError, Val
 
 Converter = Callable[..., Any]
 FUNCTIONS: dict[Any, Converter] = {}
@@ -484,3 +484,131 @@ def _einsum_sum_out(b: Builder, v: Val, s: str, elsewhere: str) -> tuple[Val, st
     shape = tuple(d for i, d in enumerate(v.shape, start=1) if i not in axes)
     return b.emit("sum", [v], shape, v.batched, {"axes": axes, "keepdims": False}), "".join(
         c for i, c in enumerate(s) if i not in gone)
+
+
+# ------------------------------------------------------------------ composites of the rules above
+
+
+def _keep_shape(x: Val, axes: list[int]) -> tuple[int, ...]:
+    return tuple(1 if i + 1 in axes else d for i, d in enumerate(x.shape))
+
+
+def _moments(b: Builder, x: Val, dim: Any) -> tuple[list[int], Val, Val]:
+    """(axes, x − mean, mean of the squared deviations) over ``dim`` (kept axes)."""
+    dims = list(dim) if isinstance(dim, (list, tuple)) else [dim]
+    axes = sorted(_check_axis(b, x, d) for d in dims)
+    keep = _keep_shape(x, axes)
+    mean = b.emit("mean", [x], keep, x.batched, {"axes": axes, "keepdims": True})
+    dev = b.emit("sub", [x, mean], x.shape, x.batched)
+    sq = b.emit("mul", [dev, dev], x.shape, x.batched)
+    return axes, dev, sq
+
+
+def _spread(std: bool) -> Converter:
+    def convert(b: Builder, input: Any, dim: Any = None, unbiased: Any = None, keepdim: bool = False, *,
+                correction: Any = None) -> Val:
+        return _var(b, input, dim, unbiased, keepdim, correction, std)
+    return convert
+
+
+def _var(b: Builder, input: Any, dim: Any, unbiased: Any, keepdim: bool, correction: Any, std: bool) -> Val:
+    """var = mean((x − mean x)²)·n/(n − correction); std = √var (over per-sample axes)."""
+    x = b.value(input)
+    if isinstance(dim, bool):  # torch's legacy var(x, unbiased)
+        dim, unbiased = None, dim
+    if dim is None:
+        raise b.fail("var/std over all axes includes the batch; give the per-sample dims")
+    corr = float(correction) if correction is not None else (0.0 if unbiased is False else 1.0)
+    axes, _, sq = _moments(b, x, dim)
+    n = math.prod(x.shape[a - 1] for a in axes)
+    out = b.observed
+    assert out is not None
+    v = b.emit("mean", [sq], out.shape, x.batched, {"axes": axes, "keepdims": bool(keepdim)})
+    if corr:
+        v = b.emit("mul", [v], v.shape, attrs={"scalar": n / (n - corr), "scalar_first": False})
+    return b.emit("sqrt", [v], v.shape) if std else v
+
+
+converts(torch.var, "var")(_spread(std=False))
+converts(torch.std, "std")(_spread(std=True))
+
+
+@converts(F.normalize)
+def _normalize(b: Builder, input: Any, p: float = 2.0, dim: int = 1, eps: float = 1e-12, out: Any = None) -> Val:
+    """x / max(‖x‖₂, eps) along ``dim``."""
+    if p != 2.0 or out is not None:
+        raise b.fail("F.normalize is supported with p=2")
+    x = b.value(input)
+    axis = _check_axis(b, x, dim)
+    keep = _keep_shape(x, [axis])
+    sq = b.emit("mul", [x, x], x.shape, x.batched)
+    norm = b.emit("sqrt", [b.emit("sum", [sq], keep, x.batched, {"axes": [axis], "keepdims": True})], keep)
+    norm = b.emit("hardtanh", [norm], keep, attrs={"min": float(eps), "max": _UNBOUNDED})
+    return b.emit("div", [x, norm], x.shape, x.batched)
+
+
+class _MaxResult(tuple):
+    """``torch.max(x, dim)``'s (values, indices): the values only (indices have no rule)."""
+
+    @property
+    def values(self) -> Val:
+        return self[0]
+
+    @property
+    def indices(self) -> Any:
+        raise UnsupportedLayerError("the indices of max(dim) are not supported (their values are)")
+
+
+@converts(torch.max, "max")
+def _max(b: Builder, input: Any, dim: Any = None, keepdim: bool = False) -> Any:
+    if dim is None or not isinstance(dim, int):
+        raise b.fail("max is supported as max(x, dim) (its values) or amax; the max of all elements or of two "
+                     "tensors is not")
+    x = b.value(input)
+    axis = _check_axis(b, x, dim)
+    shape = _keep_shape(x, [axis]) if keepdim else tuple(d for i, d in enumerate(x.shape) if i + 1 != axis)
+    return _MaxResult((b.emit("amax", [x], shape, x.batched, {"axes": [axis], "keepdims": bool(keepdim)}), None))
+
+
+@converts(getattr)
+def _getattr(b: Builder, obj: Any, name: str) -> Any:
+    if isinstance(obj, Val):
+        raise b.fail(f"tensor attribute '.{name}' has no rule")
+    return getattr(obj, name)
+
+
+@converts(F.pad)
+def _pad(b: Builder, input: Any, pad: Sequence[int], mode: str = "constant", value: float | None = None) -> Val:
+    """Constant padding of the last one or two axes."""
+    if mode != "constant" or len(pad) not in (2, 4) or any(p < 0 for p in pad):
+        raise b.fail("F.pad is supported in 'constant' mode on the last one or two axes, without cropping")
+    x = b.value(input)
+    left, right, top, bottom = (*pad, 0, 0)[:4]
+    if len(x.shape) < 2:
+        x = b.reshape(x, (1, *x.shape))
+    out = b.observed
+    assert out is not None
+    shape = (*x.shape[:-2], x.shape[-2] + top + bottom, x.shape[-1] + left + right)
+    y = b.emit("pad", [x], shape, x.batched, {"pads": [top, left, bottom, right], "value": float(value or 0.0)})
+    return b.reshape(y, out.shape)
+
+
+def _filled(b: Builder, input: Any, value: float) -> Val:
+    x = b.value(input)
+    c = b.emit("fill", [], x.shape, False, {"value": float(value)})
+    return b.emit("expand_batch", [c, BATCH_REF], x.shape, True) if x.batched else c
+
+
+@converts(torch.zeros_like, "new_zeros")
+def _zeros_like(b: Builder, input: Any, *_: Any, **__: Any) -> Val:
+    return _filled(b, input, 0.0)
+
+
+@converts(torch.ones_like)
+def _ones_like(b: Builder, input: Any, *_: Any, **__: Any) -> Val:
+    return _filled(b, input, 1.0)
+
+
+@converts(torch.full_like)
+def _full_like(b: Builder, input: Any, fill_value: float, *_: Any, **__: Any) -> Val:
+    return _filled(b, input, fill_value)

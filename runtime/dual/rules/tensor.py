@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..algebra import T
-from .core import RuleOut, add_opt, deflinear, primal, rule, tangent_or_zeros
+from .core import RuleOut, add_opt, deflinear, merge_m, primal, rule, split_m, tangent_or_zeros
 
 
 def _fit(ops, t: Any, y: Any) -> Any:
@@ -112,6 +112,22 @@ deflinear("expand", lambda ops, x, a: ops.expand(x, a["shape"]))
 deflinear("mean", lambda ops, x, a: ops.mean(x, a["axes"], a["keepdims"]))
 deflinear("sum", lambda ops, x, a: ops.sum(x, a["axes"], a["keepdims"]))
 deflinear("identity", lambda ops, x, a: x)
+
+
+@rule("pad")
+def pad(ops, node, xs, xds, p, u, s, ctx) -> RuleOut:
+    """Constant padding of the last two axes: y = pad(x, value), ẏ = pad(ẋ, 0)."""
+    pads, value = node.attrs["pads"], node.attrs["value"]
+    y = ops.pad(xs[0], pads, value)
+    if not ctx.dual or xds[0] is None:
+        return y, None, {}
+    return y, split_m(ops, ops.pad(merge_m(ops, xds[0]), pads, 0.0), ctx.m), {}
+
+
+@rule("fill")
+def fill(ops, node, xs, xds, p, u, s, ctx) -> RuleOut:
+    """A constant tensor of one value (``zeros_like``, ``ones_like``, ``full_like``): no tangent."""
+    return ops.const(np.full((1, *node.shape), node.attrs["value"])), None, {}
 
 
 @rule("detach")
