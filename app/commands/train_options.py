@@ -73,8 +73,8 @@ CONFIG_HELP = (
 WeightsOpt = Annotated[Path | None, typer.Option(help=WEIGHTS_HELP)]
 ConfigOpt = Annotated[list[str] | None, typer.Option("--config", help=CONFIG_HELP)]
 DataOpt = Annotated[str, typer.Option(
-    help="Dataset: digits, digits-transfer, digits-transfer-pretrain, "
-    "cifar10:PATH, svhn:PATH, imagefolder:PATH[:SIZE].")]
+    help="Dataset: digits, digits-transfer, digits-transfer-pretrain, mnist-5k, shapes32, "
+    "cifar10:PATH, svhn:PATH, imagefolder:PATH[:SIZE] (docs/usage.md).")]
 MethodOpt = Annotated[Literal[(*METHODS, "bp")], typer.Option(
     help="asyncfgd: pipelined forward gradients (the product); fgd: synchronous forward gradients "
     "(no staleness, no overlap); local: experimental, each module learns from its own auxiliary head; bp: "
