@@ -68,7 +68,7 @@ def run_segment(*args: Any, **kwargs: Any) -> torch.Tensor:
 
 def _run_segment(model: nn.Module, mod: ModuleSpec, x: torch.Tensor,
                 params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor] | None,
-                masks: dict[str, torch.Tensor] | None = None, observe: Observer | None = None) -> torch.Tensor:
+                masks: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Module ``mod`` of ``model`` on x with ``params`` substituted; ``buffers`` are BatchNorm
     statistics (None: batch statistics, none updated; else updated in place in train mode), and
     ``masks`` the dropout masks by program node name (none: dropout is the identity)."""
@@ -107,7 +107,7 @@ def _run_segment(model: nn.Module, mod: ModuleSpec, x: torch.Tensor,
             out: Any = args[0]  # the module starts at a layer's first output (attention's (out, weights))
         else:
             out = _run(n, nodes, layers, args, kwargs, params, buffers, masks)
-        for watch in ([observe] if observe else []) + _observers:
+        for watch in _observers:
             if nodes:
                 watch(n.name, nodes, args, out)
         env[n.name] = result = out
