@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from asyncfgd.runtime import contract as c
+from asyncfgd.runtime.dual.activity import PlanError, plan
 from asyncfgd.runtime.dual.interpreter import GraphSpec, module_roles
 from asyncfgd.runtime.dual.program import ModuleSpec, stat_names, weight_names
 from asyncfgd.runtime.masks import dropout_sites
@@ -23,6 +24,9 @@ from .local_heads import aux_head, init_aux_weights
 from .split import StepCost, split_program
 from .trace import trace
 
+#: local-activity heads pool a feature map to this grid (docs/convergence.md)
+ACTIVITY_HEAD_GRID = 2
+
 
 def _layer_of(qualified: str) -> str:
     return qualified.rsplit(".", 1)[0]
@@ -31,7 +35,8 @@ def _layer_of(qualified: str) -> str:
 def export_model(model: Any, out_dir: str | Path, input_shape: tuple[int, int, int], num_classes: int,
                  modules: int | None = None, split_at: list[str] | None = None, bn_mode: str = "train",
                  tangents: int = 1, model_spec: dict[str, Any] | None = None, local_heads: bool = False,
-                 seed: int = 0, balance_batch: int = 64,
+                 seed: int = 0, balance_batch: int = 64, activity: bool = False,
+                 perturb: dict[str, str] | None = None,
                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Trace, split and export ``model``; returns the manifest written to ``out_dir``.
 
@@ -39,6 +44,9 @@ def export_model(model: Any, out_dir: str | Path, input_shape: tuple[int, int, i
     ``{"name": "custom"}`` and are still fully described by the stored programs.
     ``local_heads`` adds an auxiliary classifier to every non-last module and a ``local`` graph
     role (the experimental local-loss mode, local_heads.py); ``seed`` initialises those heads.
+    ``activity`` adds local heads and the ``activity`` role (the local-activity method,
+    runtime/dual/activity.py), each layer perturbed as ``perturb`` (layer name -> ``activity`` |
+    ``weight``) says, else as the variance rule chooses for ``balance_batch``.
     ``balance_batch`` is the training mini-batch size: an automatic split (``modules``) is
     balanced for it (split.py: per-weight work weighs more at small batches), and the rules pick
     their faster graph forms for it (``tuned_batch`` in the manifest; any batch size still runs).
@@ -55,13 +63,21 @@ def export_model(model: Any, out_dir: str | Path, input_shape: tuple[int, int, i
              if not k.endswith("num_batches_tracked")}
     shapes = {k: list(v.shape) for k, v in state.items()}
     out_shapes = {n.name: n.shape for n in program}
-    if local_heads:
+    if perturb:
+        unknown = sorted(set(perturb) - {n.name for n in program})
+        if unknown:
+            raise PlanError(f"--perturb names layers the model does not have: {', '.join(unknown)}; "
+                            f"its layers with weights: {', '.join(n.name for n in program if n.params)}")
+    if local_heads or activity:
         for mod in specs[:-1]:
-            mod.aux = aux_head(mod, out_shapes[mod.output], num_classes)
+            mod.aux = aux_head(mod, out_shapes[mod.output], num_classes, ACTIVITY_HEAD_GRID if activity else 1)
             feats = mod.aux[-2].shape[0] if len(mod.aux) > 1 else out_shapes[mod.output][0]
             aux_w = init_aux_weights(mod.aux, feats, num_classes, seed)
             state.update(aux_w)
             shapes.update({k: list(v.shape) for k, v in aux_w.items()})
+    if activity:
+        for mod in specs:
+            mod.activity = plan(mod.nodes, mod.aux, balance_batch, bn_mode == "train", perturb)
     manifest_modules = []
     for mod in specs:
         is_last = mod.index == len(specs) - 1
@@ -107,4 +123,5 @@ def _module_entry(mod: ModuleSpec, is_last: bool, in_shape: list[int], out_shape
         "dropout": [d.to_dict() for d in dropout_sites(mod.nodes)],
         "program": [n.to_dict() for n in mod.nodes],
         "aux_program": [n.to_dict() for n in mod.aux],
+        "activity": None if mod.activity is None else mod.activity.to_dict(),
     }

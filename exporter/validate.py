@@ -42,6 +42,7 @@ from asyncfgd.runtime.dual.program import ModuleSpec, Node, module_specs, weight
 from asyncfgd.runtime.masks import draw_masks
 
 from .model_sources import build_any
+from .reference_activity import head_forward, module_step
 from .reference_modules import cross_entropy, jvp_module, segment_fn, set_bn_training
 from .trace import trace_model
 from .tracing.replay import observing
@@ -172,6 +173,7 @@ class _Inputs:
     stats: dict[str, np.ndarray]
     labels: np.ndarray  # integer class per sample
     masks: dict[str, np.ndarray]  # dropout masks by node name, drawn as the runtime draws them
+    noise: dict[str, np.ndarray] = field(default_factory=dict)  # activity sites' ε (m, N, ...) by node
 
     def torch_masks(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         return {k: torch.tensor(v, dtype=dtype) for k, v in self.masks.items()}
@@ -190,9 +192,10 @@ def _random_inputs(arts: Artifacts, infos: list[ModuleInfo], in_shape: list[int]
             stats[b["name"]] = np.abs(v) + 0.5 if b["name"].endswith("var") else 0.5 * v
     seed = int(rng.integers(1 << 62))
     masks = {k: v for info in infos for k, v in draw_masks(info.dropout, seed, 0, info.index, n).items()}
+    noise = {s.node: normal(m, n, *s.shape) for info in infos if info.activity for s in info.activity.sites}
     return _Inputs(x=normal(n, *in_shape), x_dot=normal(m, n, *in_shape) if with_x_dot else None,
                    tangents={p["name"]: normal(m, *p["shape"]) for info in infos for p in info.params},
-                   stats=stats, labels=rng.integers(0, arts.num_classes, n), masks=masks)
+                   stats=stats, labels=rng.integers(0, arts.num_classes, n), masks=masks, noise=noise)
 
 
 def _draws(inp: _Inputs, seed: int) -> list[_Inputs]:
@@ -204,7 +207,8 @@ def _draws(inp: _Inputs, seed: int) -> list[_Inputs]:
 
     return [inp] + [_Inputs(jit(inp.x), None if inp.x_dot is None else jit(inp.x_dot),
                             {q: jit(v) for q, v in inp.tangents.items()}, {q: jit(v) for q, v in inp.stats.items()},
-                            inp.labels, inp.masks) for _ in range(FLOOR_DRAWS - 1)]
+                            inp.labels, inp.masks, {q: jit(v) for q, v in inp.noise.items()})
+                              for _ in range(FLOOR_DRAWS - 1)]
 
 
 def _feeds(arts: Artifacts, info: ModuleInfo, role: str, x: np.ndarray, x_dot: np.ndarray | None,
@@ -214,7 +218,8 @@ def _feeds(arts: Artifacts, info: ModuleInfo, role: str, x: np.ndarray, x_dot: n
               **{c.stat_input(q): v for q, v in inp.stats.items()},
               **{c.tangent_input(q): v for q, v in inp.tangents.items()},
               **{c.weight_input(q): arts.weights[q] for q in info.param_names},
-              **{c.mask_input(k): v for k, v in inp.masks.items()}}
+              **{c.mask_input(k): v for k, v in inp.masks.items()},
+              **{c.noise_input(k): v for k, v in inp.noise.items()}}
     return {name: values[name] for name in info.graphs[role]["inputs"]}
 
 
@@ -238,6 +243,8 @@ def _reference(model: torch.nn.Module, arts: Artifacts, mod: ModuleSpec, info: M
         return torch.tensor(a, dtype=dtype)  # a copy: train-mode BN updates statistics in place
 
     set_bn_training(model, bn_train)
+    if role == c.ACTIVITY:
+        return _activity_reference(model, arts, mod, info, bn_train, inp)
     state = model.state_dict()  # the artifact's weights, in the model's dtype
     names = weight_names(mod.nodes)
     x, params = cv(inp.x), {q: state[q] for q in names}
@@ -260,7 +267,7 @@ def _reference(model: torch.nn.Module, arts: Artifacts, mod: ModuleSpec, info: M
         head = [(cv(arts.weights[q]), cv(inp.tangents[q])) for q in (fc["weight"], fc["bias"])]
         out[c.Y] = y
         assert y_dot is not None  # LOCAL is a tangent role: y_dot was computed above
-        y, y_dot = _aux_head(y, y_dot, head)
+        y, y_dot = _aux_head(mod.aux, y, y_dot, head)
     if not info.is_last and role != c.LOCAL:
         out.update({c.Y: y} if y_dot is None else {c.Y: y, c.Y_DOT: y_dot})
     else:
@@ -277,18 +284,42 @@ def _reference(model: torch.nn.Module, arts: Artifacts, mod: ModuleSpec, info: M
     return out, scales
 
 
+def _activity_reference(model: torch.nn.Module, arts: Artifacts, mod: ModuleSpec, info: ModuleInfo,
+                        bn_train: bool, inp: _Inputs) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The activity role's outputs from the local-activity oracle (reference_activity.py): jvp along
+    (ε, u) through the model's own layers, autograd for each site's pull-back to its weights."""
+    dtype = next(model.parameters()).dtype
+    plan = mod.activity
+    assert plan is not None  # the role exists only with a plan
+
+    def cv(a: np.ndarray) -> torch.Tensor:
+        return torch.tensor(a, dtype=dtype)
+
+    state = model.state_dict()
+    weights = {q: state[q] if q in state else cv(arts.weights[q]) for q in info.param_names}
+    stats = {q: cv(inp.stats[q]) for q in info.buffer_names}
+    out = module_step(model, mod, cv(inp.x), torch.from_numpy(inp.labels), weights, stats,
+                      {k: cv(v) for k, v in inp.noise.items()}, {q: cv(inp.tangents[q]) for q in plan.weight_perturbed},
+                      inp.torch_masks(dtype), bn_train)
+    if bn_train:
+        out.update({c.stat_output(q): v for q, v in stats.items()})
+    out = {k: v.detach().double() for k, v in out.items()}
+    return out, {k: v.abs().max() for k, v in out.items()}
+
+
 def _loss_dot(logits: torch.Tensor, logits_dots: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """d loss along each tangent ż_j (m, N, C) of the logits, by torch.func.jvp of the loss."""
     return torch.stack([torch.func.jvp(lambda z: cross_entropy(z, labels), (logits,), (zd,))[1] for zd in logits_dots])
 
 
-def _aux_head(y: torch.Tensor, y_dot: torch.Tensor, head: list[tuple[torch.Tensor, torch.Tensor]]
+def _aux_head(aux: list[Node], y: torch.Tensor, y_dot: torch.Tensor, head: list[tuple[torch.Tensor, torch.Tensor]]
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and their tangents of a local-loss head: (global average pool →) linear (local_heads.py)."""
+    """Logits and their tangents of a local-loss head (local_heads.py) by jvp over (y, its weights)."""
     (w, uw), (b, ub) = head
+    fc = aux[-1].params
 
     def f(z: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return F.linear(z.mean((2, 3)) if z.dim() == 4 else z, w, b)
+        return head_forward(aux, z, {fc["weight"]: w, fc["bias"]: b}, {})
 
     # without has_aux, jvp returns (output, jvp_out); its annotation also allows the has_aux triple
     pairs = [cast(tuple[torch.Tensor, torch.Tensor], torch.func.jvp(f, (y, w, b), (y_dot[j], uw[j], ub[j])))
@@ -449,7 +480,7 @@ class _Checker:
             lambda: [_reference(self.ref32, arts, mod, info, role, bn_train, draw)[0] for draw in _draws(inp, seed)],
             lambda: _kink_samples(self.ref32, mod.nodes, n,
                                   lambda: _reference(self.ref32, arts, mod, info, c.FORWARD, bn_train, inp)), self.tol)
-        dot = c.Y_DOT if c.Y_DOT in errs else c.LOSS_DOT if c.LOSS_DOT in errs else None
+        dot = next((k for k in (c.Y_DOT, c.LOSS_DOT, c.SAMPLE_DOT) if k in errs), None)
         row.err_y = max(e for k, e in errs.items() if k != dot)
         row.err_dot = errs[dot] if dot else None
         row.floor = floors[dot] if dot and floors else None

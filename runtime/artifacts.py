@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import contract as c
+from .dual.program import ActivityPlan
 from .masks import DropoutSite
 
 F32 = 4  # bytes per element: every weight, tangent and statistic is float32
@@ -55,6 +56,12 @@ class ModuleInfo:
     def dropout(self) -> list[DropoutSite]:
         """The module's dropout layers, whose masks the training roles take (none in format 1)."""
         return [DropoutSite.from_dict(d) for d in self.raw.get("dropout", [])]
+
+    @property
+    def activity(self) -> ActivityPlan | None:
+        """The local-activity method's perturbation plan, when exported with it."""
+        raw = self.raw.get("activity")
+        return ActivityPlan.from_dict(raw) if raw else None
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from . import contract as c
+from .dual.program import ActivityPlan
 from .masks import DropoutSite
 
 
@@ -35,13 +36,17 @@ class RunResult:
     loss: Any = None
     loss_dot: Any = None
     logits: Any = None
+    sample_dot: Any = None  # (m, N): the activity role's per-sample derivatives
+    #: the activity role's weight-gradient estimates by weight name (usable as the optimizer's scratch)
+    grads: dict[str, Any] | None = None
     #: device event marking the outputs complete (CUDA backends); the consumer waits on it
     ready: Any = None
 
     @staticmethod
     def of(outputs: Mapping[str, Any], ready: Any = None) -> RunResult:
         """The result fields from a graph's outputs by contract name."""
-        return RunResult(**{name: outputs.get(name) for name in c.OUTPUTS}, ready=ready)
+        grads = {w: v for name, v in outputs.items() if (w := c.estimated_weight(name)) is not None}
+        return RunResult(**{name: outputs.get(name) for name in c.OUTPUTS}, grads=grads or None, ready=ready)
 
 
 def updated_stats(outputs: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
@@ -65,6 +70,8 @@ class ModuleRunner(Protocol):
     is_last: bool
     #: the module's dropout layers (the scheduler draws their masks: runtime/masks.py)
     dropout: list[DropoutSite]
+    #: the local-activity method's plan (which sites take noise, which weights tangents), if exported
+    activity: ActivityPlan | None
     #: live weight buffers, by weight name (updated in place by the optimizer)
     params: dict[str, Any]
     #: live tangent buffers, by weight name, shape (m, *weight.shape)
@@ -100,10 +107,12 @@ class ModuleRunner(Protocol):
         ...
 
     def run(self, role: str, x: Any, x_dot: Any = None, labels: Any = None, ready: Any = None,
-            masks: Mapping[str, np.ndarray] | None = None) -> RunResult:
+            masks: Mapping[str, np.ndarray] | None = None, noise: Mapping[str, np.ndarray] | None = None
+            ) -> RunResult:
         """Run one graph role on a batch; ``x``/``x_dot`` come from the previous module, whose
         ``RunResult.ready`` event (if any) is passed as ``ready`` so the device waits for exactly that.
-        ``masks`` are the dropout masks (host arrays by node name) the training roles take."""
+        ``masks`` are the dropout masks (host arrays by node name) the training roles take, ``noise``
+        the activity role's ε by site node."""
         ...
 
     def device_context(self) -> Any:

@@ -4,9 +4,10 @@ backend take them from, so a graph written by one side is always read by the oth
 An artifact directory holds ``manifest.json``, ``weights.npz`` and one ONNX graph per (module,
 role). A graph's tensors are named by role: inputs ``x``, ``x_dot``, ``labels`` and one per
 weight, weight tangent and BatchNorm statistic (``w.<name>``, ``u.<name>``, ``s.<name>``) and,
-in the training roles, one per dropout layer (``mask.<node>``);
-outputs ``y``, ``y_dot`` or ``loss``, ``loss_dot``, ``logits``, and ``s_new.<name>`` for the
-statistics a training-mode BatchNorm updates.
+in the training roles, one per dropout layer (``mask.<node>``) and, in the activity role, one per
+activity site (``e.<node>``); outputs ``y``, ``y_dot`` or ``loss``, ``loss_dot``, ``logits``,
+``sample_dot`` and ``g.<name>`` (activity role), and ``s_new.<name>`` for the statistics a
+training-mode BatchNorm updates.
 """
 from __future__ import annotations
 
@@ -21,15 +22,18 @@ WEIGHTS_FILE = "weights.npz"
 # Graph roles. dual: (x, x_dot, w, u[, labels]) -> (y, y_dot) | (loss, loss_dot, logits);
 # dual_first: the same with a zero input tangent (no x_dot); forward: the training-mode primal
 # (frozen modules); eval: the inference-mode primal (BatchNorm on running statistics); local: a
-# non-last module with an auxiliary head, (x, w, u, labels) -> (y, loss, loss_dot, logits).
+# non-last module with an auxiliary head, (x, w, u, labels) -> (y, loss, loss_dot, logits);
+# activity: the local-activity method, (x, w, u of the weight-perturbed weights, e (activity
+# noise), labels) -> (y, loss, sample_dot, logits, g.<weight> estimates).
 DUAL = "dual"
 DUAL_FIRST = "dual_first"
 FORWARD = "forward"
 EVAL = "eval"
 LOCAL = "local"
+ACTIVITY = "activity"
 ROLES = (DUAL, DUAL_FIRST, FORWARD, EVAL)  # every module's roles (the first has no DUAL)
-TANGENT_ROLES = (DUAL, DUAL_FIRST, LOCAL)
-MASK_ROLES = (DUAL, DUAL_FIRST, FORWARD, LOCAL)  # the training roles: dropout masks are inputs
+TANGENT_ROLES = (DUAL, DUAL_FIRST, LOCAL, ACTIVITY)
+MASK_ROLES = (DUAL, DUAL_FIRST, FORWARD, LOCAL, ACTIVITY)  # the training roles: dropout masks are inputs
 
 # Graph inputs and outputs.
 X = "x"
@@ -40,7 +44,8 @@ Y_DOT = "y_dot"
 LOSS = "loss"
 LOSS_DOT = "loss_dot"
 LOGITS = "logits"
-OUTPUTS = (Y, Y_DOT, LOSS, LOSS_DOT, LOGITS)
+SAMPLE_DOT = "sample_dot"  # (m, N): each sample's own loss derivative per tangent (activity role)
+OUTPUTS = (Y, Y_DOT, LOSS, LOSS_DOT, LOGITS, SAMPLE_DOT)
 
 # Per-tensor prefixes.
 WEIGHT = "w."
@@ -48,7 +53,9 @@ TANGENT = "u."
 STAT = "s."
 STAT_NEW = "s_new."
 MASK = "mask."
-PREFIXES = (WEIGHT, TANGENT, STAT, STAT_NEW, MASK)
+NOISE = "e."  # activity noise of a site: (m, N, *site shape)
+GRAD = "g."  # a weight's gradient estimate (activity role): the weight's shape
+PREFIXES = (WEIGHT, TANGENT, STAT, STAT_NEW, MASK, NOISE, GRAD)
 
 
 def graph_file(index: int, role: str) -> str:
@@ -72,6 +79,20 @@ def mask_input(node: str) -> str:
     return MASK + node
 
 
+def noise_input(site: str) -> str:
+    """The activity noise ε of the site at program node ``site``: (m, N, *shape)."""
+    return NOISE + site
+
+
+def grad_output(name: str) -> str:
+    return GRAD + name
+
+
+def estimated_weight(output: str) -> str | None:
+    """The weight a graph output estimates the gradient of (``g.<name>`` -> name), else None."""
+    return output[len(GRAD):] if output.startswith(GRAD) else None
+
+
 def stat_output(name: str) -> str:
     return STAT_NEW + name
 
@@ -83,7 +104,7 @@ def updated_stat(output: str) -> str | None:
 
 def split_input(name: str) -> tuple[str, str]:
     """A per-tensor graph input's (prefix, tensor name); ("", name) for x, x_dot and labels."""
-    for prefix in (WEIGHT, TANGENT, STAT, MASK):
+    for prefix in (WEIGHT, TANGENT, STAT, MASK, NOISE):
         if name.startswith(prefix):
             return prefix, name[len(prefix):]
     return "", name

@@ -6,10 +6,11 @@ from typing import Any
 from .artifacts import Artifacts
 from .backend import Backend, ModuleRunner
 from .optim import make_optimizer
-from .scheduler import AlphaFn, AsyncFGD, LocalFGD, LrFn, Perturbation, SyncFGD
+from .scheduler import AlphaFn, AsyncFGD, LocalActivity, LocalFGD, LrFn, Perturbation, SyncFGD
 
 LOCAL_METHOD = "local"  # experimental: needs artifacts exported with local heads
-METHODS = ("fgd", "asyncfgd", LOCAL_METHOD)
+ACTIVITY_METHOD = "local-activity"  # local losses, activity perturbation: artifacts exported with activity=True
+METHODS = ("fgd", "asyncfgd", LOCAL_METHOD, ACTIVITY_METHOD)
 BACKENDS = ("onnxruntime", "torch", "torch-cuda", "tensorrt")
 
 
@@ -40,5 +41,5 @@ def make_scheduler(runners: list[ModuleRunner], method: str, optimizer: str, lr:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     opts = [make_optimizer(optimizer, r.params, r.xp, lr=lr(0), **(optimizer_kw or {})) for r in runners]
-    cls = {"fgd": SyncFGD, "asyncfgd": AsyncFGD, LOCAL_METHOD: LocalFGD}[method]
+    cls = {"fgd": SyncFGD, "asyncfgd": AsyncFGD, LOCAL_METHOD: LocalFGD, ACTIVITY_METHOD: LocalActivity}[method]
     return cls(runners, opts, alpha, lr, perturbation)

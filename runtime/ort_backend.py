@@ -58,7 +58,7 @@ class OrtModuleRunner:
     def __init__(self, artifacts: Artifacts, index: int, tangents: int, threads: int | None = None) -> None:
         info = artifacts.modules[index]
         self.index, self.is_last, self.info = index, info.is_last, info
-        self.dropout = info.dropout
+        self.dropout, self.activity = info.dropout, info.activity
         self.num_classes = artifacts.num_classes
         m = tangents
         self.params = dict(zip(info.param_names, flat_views([artifacts.weights[n].shape for n in info.param_names]),
@@ -68,6 +68,7 @@ class OrtModuleRunner:
         self._tangent_shapes = {p["name"]: (m, *p["shape"]) for p in info.params}
         self.tangents = dict(zip(self._tangent_shapes, flat_views(list(self._tangent_shapes.values())), strict=False))
         self._scratch: dict[str, np.ndarray] | None = None
+        self._estimates: dict[str, tuple[np.ndarray, ort.OrtValue]] | None = None  # activity role's g outputs
         self.grads = {n: u[0] for n, u in (self.tangents if self.is_last else self.scratch).items()}
         self.buffers = {n: artifacts.weights[n].copy() for n in info.buffer_names}
         self._opts = session_options(threads)
@@ -110,7 +111,7 @@ class OrtModuleRunner:
             pair = []
             for _ in range(2):
                 bufs = {o.name: np.empty([n if isinstance(d, str) else d for d in o.shape], np.float32)
-                        for o in self.sessions[role].get_outputs()}
+                        for o in self.sessions[role].get_outputs() if c.estimated_weight(o.name) is None}
                 pair.append({k: (a, ort.OrtValue.ortvalue_from_numpy(a)) for k, a in bufs.items()})
             self._outputs[key], self._flip[key] = pair, 0
         self._flip[key] ^= 1
@@ -118,18 +119,23 @@ class OrtModuleRunner:
 
     def run(self, role: str, x: np.ndarray, x_dot: np.ndarray | None = None,
             labels: np.ndarray | None = None, ready: Any = None,
-            masks: Mapping[str, np.ndarray] | None = None) -> RunResult:
+            masks: Mapping[str, np.ndarray] | None = None, noise: Mapping[str, np.ndarray] | None = None
+            ) -> RunResult:
         session = self._session(role)
         b = self._bindings[role]
         b.bind_cpu_input(c.X, np.ascontiguousarray(x, dtype=np.float32))
         if role == c.DUAL:
             b.bind_cpu_input(c.X_DOT, np.ascontiguousarray(x_dot, dtype=np.float32))
-        if labels is not None and role != c.EVAL and (self.is_last or role == c.LOCAL):
+        if labels is not None and role != c.EVAL and (self.is_last or role in (c.LOCAL, c.ACTIVITY)):
             b.bind_cpu_input(c.LABELS, np.ascontiguousarray(labels, dtype=np.float32))
         if role in c.MASK_ROLES:
             for name, mask in (masks or {}).items():
                 b.bind_cpu_input(c.mask_input(name), mask)
+        for name, eps in (noise or {}).items():
+            b.bind_cpu_input(c.noise_input(name), eps)
         bound = self._out_buffers(role, x.shape[0])
+        if role == c.ACTIVITY:
+            bound = {**bound, **self._estimate_outputs()}
         for name, (_, value) in bound.items():
             b.bind_ortvalue_output(name, value)
         session.run_with_iobinding(b)
@@ -137,6 +143,15 @@ class OrtModuleRunner:
         for stat, arr in updated_stats(outs):
             np.copyto(self.buffers[stat], arr)
         return RunResult.of(outs)
+
+    def _estimate_outputs(self) -> dict[str, tuple[np.ndarray, ort.OrtValue]]:
+        """The activity role writes its weight estimates into one buffer laid out like the weights,
+        so the optimizer updates the whole module in one pass (optim.py)."""
+        if self._estimates is None:
+            views = flat_views([w.shape for w in self.params.values()])
+            self._estimates = {c.grad_output(k): (a, ort.OrtValue.ortvalue_from_numpy(a))
+                               for k, a in zip(self.params, views, strict=False)}
+        return self._estimates
 
     def device_context(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()

@@ -65,13 +65,15 @@ def noise_key(seed: int, step: int, module: int) -> tuple[int, tuple[int, int, i
 _local = threading.local()  # one Philox per thread: modules fill their tangents concurrently
 
 
-def module_stream(seed: int, step: int, module: int) -> np.random.Philox:
-    """This thread's Philox bit generator, positioned at the start of the module's stream.
+def module_stream(seed: int, step: int, module: int, domain: int = 0) -> np.random.Philox:
+    """This thread's Philox bit generator, positioned at the start of the module's stream (with
+    ``domain`` or-ed into counter word 2: another stream of the same module and step).
 
     Re-keying one generator costs ~1 us where constructing a new one costs ~8 us. The generator is
     shared by later calls on the same thread: use it before the next call.
     """
-    key, counter = noise_key(seed, step, module)
+    key, (w0, w1, w2, w3) = noise_key(seed, step, module)
+    counter = (w0, w1, domain | w2, w3)
     bg = getattr(_local, "philox", None)
     if bg is None:
         bg = _local.philox = np.random.Philox()
@@ -189,3 +191,32 @@ def _orthonormalise_rows(out: list[np.ndarray], m: int, factor: float = 1.0) -> 
     transform = np.linalg.inv(np.linalg.cholesky(gram)) * factor
     for blk in _blocks(out, m):
         blk[...] = transform @ blk.astype(np.float64)
+
+
+#: counter word 2's domain bit for activity noise (dropout masks use the top bit: runtime/masks.py)
+NOISE_DOMAIN = 1 << 62
+
+
+def fill_signs(out: list[np.ndarray], seed: int, step: int, module: int) -> None:
+    """Fill float32 buffers in place with iid ±1 (Rademacher) values: the local-activity method's ε.
+
+    One stream per (seed, step, module), counter ``[0, 0, 2**62 | module, step]`` (disjoint from the
+    weight tangents' and the dropout masks'), read as bits: value i of the buffers' concatenation is
+    +1 where bit i % 8 (least significant first) of byte i // 8 of the stream is set, else −1. One
+    bit per value instead of Box-Muller's 32 makes the draw of an activity-sized ε cheap
+    (docs/performance.md); ±1 keeps the estimate unbiased (E[ε εᵀ] = I).
+    """
+    if not out:
+        return
+    _check_buffers(out)
+    total = sum(b.size for b in out)
+    bg = module_stream(seed, step, module, NOISE_DOMAIN)
+    raw = bg.random_raw((total + 63) // 64).view(np.uint8)
+    bits = np.unpackbits(raw, bitorder="little")[:total]
+    start = 0
+    for buf in out:
+        flat = buf.reshape(-1)
+        np.multiply(bits[start:start + flat.size], np.float32(2.0), out=flat, casting="unsafe")
+        flat -= np.float32(1.0)
+        start += flat.size
+

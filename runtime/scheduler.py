@@ -29,7 +29,7 @@ from . import contract as c
 from .backend import ModuleRunner, RunResult
 from .buffers import contiguous_span
 from .masks import draw_masks
-from .perturb import fill_tangents
+from .perturb import fill_signs, fill_tangents
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -339,6 +339,71 @@ class LocalFGD(AsyncFGD):
         loss = float(last.to_host(res.loss))
         d = None if res.loss_dot is None else last.to_host(res.loss_dot).reshape(-1)
         return StepOutcome(job.step, loss, d, last.to_host(res.logits), job.labels)
+
+
+class LocalActivity(AsyncFGD):
+    """The local-activity method (runtime/dual/activity.py): pipelined like AsyncFGD, each module a
+    block with its own local loss (its head's; the last module's is the true loss), trained from
+    activity perturbation. A module's run returns its weight estimates, which it applies at once:
+    no broadcast of d, no stored or regenerated tangents. Staleness: none in the weights (each update
+    uses the weights of the run that made it); module k's input for step s was made by module k−1
+    one tick earlier, with k−1's weights after its update for step s−1 (docs/algorithm.md).
+
+    Per step and module the scheduler draws the sites' ε (``fill_signs``) and the weight-perturbed
+    weights' tangents (``fill_tangents``) from the seeded streams; α only freezes (α = 0) here.
+    """
+
+    def __init__(self, runners: Sequence[ModuleRunner], optimizers: Sequence[Any], alpha: AlphaFn, lr: LrFn,
+                 perturbation: Perturbation, workers: int | None = None) -> None:
+        for r in runners:
+            if r.activity is None:
+                raise ValueError("the local-activity method needs artifacts exported with its graphs "
+                                 "(export_model(activity=True); `asyncfgd-app train` does this itself)")
+        super().__init__(runners, optimizers, alpha, lr, perturbation, workers)
+        self._noise: dict[tuple[int, int], dict[str, np.ndarray]] = {}  # (module, batch) -> ε buffers
+
+    def _role(self, k: int, step: int) -> tuple[str, bool]:
+        if self.alpha(k, step) <= 0 or not self.runners[k].params:
+            return c.FORWARD, False
+        return c.ACTIVITY, True
+
+    def _draw(self, k: int, step: int, n: int) -> dict[str, np.ndarray]:
+        r = self.runners[k]
+        plan = r.activity
+        assert plan is not None  # checked at construction
+        if plan.weight_perturbed:
+            hosts = dict(zip(r.tangents, r.tangent_host(), strict=False))
+            fill_tangents([hosts[q] for q in plan.weight_perturbed], self.pert.seed, step, k, self.pert.mode)
+            r.upload_tangents()
+        key = (k, n)
+        if key not in self._noise:
+            m = next(iter(r.tangents.values())).shape[0] if r.tangents else 1
+            self._noise[key] = {s.node: np.empty((m, n, *s.shape), np.float32) for s in plan.sites}
+        eps = self._noise[key]
+        fill_signs(list(eps.values()), self.pert.seed, step, k)
+        return eps
+
+    def _job(self, k: int, job: _Handoff | None) -> tuple[_Handoff, RunResult] | None:
+        if job is None:
+            return None
+        role, perturbed = self._role(k, job.step)
+        r = self.runners[k]
+        n = len(job.labels)
+        noise = self._draw(k, job.step, n) if perturbed else None
+        wants_labels = r.is_last or perturbed
+        res = r.run(role, job.h, None, job.labels if wants_labels else None, ready=job.ready,
+                    masks=self._masks(k, job.step, n), noise=noise)
+        if perturbed:
+            self._check(job.step, RunResult(loss=res.loss, loss_dot=res.sample_dot), r.to_host)
+            assert res.grads is not None  # the activity role outputs every weight's estimate
+            with r.device_context():
+                self.optimizers[k].step(res.grads, self.lr(job.step))
+        return job, res
+
+    def _finish(self, job: _Handoff, res: RunResult) -> StepOutcome:
+        last = self.runners[-1]
+        d = None if res.sample_dot is None else last.to_host(res.sample_dot).mean(axis=1)
+        return StepOutcome(job.step, float(last.to_host(res.loss)), d, last.to_host(res.logits), job.labels)
 
 
 def evaluate(runners: Sequence[ModuleRunner], x: np.ndarray) -> np.ndarray:

@@ -31,7 +31,7 @@ class TorchModuleRunner:
 
         self.torch, self.xp = torch, torch
         info = artifacts.modules[index]
-        self.index, self.is_last, self.dropout = index, info.is_last, info.dropout
+        self.index, self.is_last, self.dropout, self.activity = index, info.is_last, info.dropout, info.activity
         self.device = torch.device(device)
         self._spec = module_specs(artifacts.manifest)[index]
         self._graph = lambda role: GraphSpec(role, tangents, artifacts.bn_mode, artifacts.tuned_batch)  # noqa: E731
@@ -54,7 +54,8 @@ class TorchModuleRunner:
         self._uploaded: dict[str, torch.cuda.Event | None] = {"tangents": None, "scratch": None}
 
     def run(self, role: str, x: Any, x_dot: Any = None, labels: Any = None, ready: Any = None,
-            masks: Mapping[str, np.ndarray] | None = None) -> RunResult:
+            masks: Mapping[str, np.ndarray] | None = None, noise: Mapping[str, np.ndarray] | None = None
+            ) -> RunResult:
         torch = self.torch
         with torch.no_grad(), self.device_context():
             if ready is not None:
@@ -64,8 +65,9 @@ class TorchModuleRunner:
             x_dot = None if x_dot is None else self._as_tensor(x_dot)
             labels = None if labels is None else self._as_tensor(labels)
             drop = {k: self._as_tensor(v) for k, v in (masks or {}).items()}
+            eps = {k: self._as_tensor(v) for k, v in (noise or {}).items()}
             out = self._run_module(self._ops, self._spec, self._graph(role), self.is_last, x, x_dot,
-                                   self.params, self.tangents, self.buffers, labels, drop)
+                                   self.params, self.tangents, self.buffers, labels, drop, eps)
             for stat, v in updated_stats(out):
                 self.buffers[stat].copy_(v)
             done = None

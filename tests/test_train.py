@@ -139,12 +139,24 @@ def dropout_art(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("artifacts", ["art", "dropout_art"])
-def test_sigkill_mid_run_then_resume_is_bit_identical(artifacts: str, request: pytest.FixtureRequest, tmp_path: Path):
+@pytest.fixture(scope="module")
+def activity_art(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The MLP with local-activity graphs (a head on module 0, activity noise as inputs)."""
+    out = tmp_path_factory.mktemp("art") / "activity"
+    export(_opts(activity=True), out)
+    return out
+
+
+@pytest.mark.parametrize(("artifacts", "method"), [("art", "asyncfgd"), ("dropout_art", "asyncfgd"),
+                                                   ("activity_art", "local-activity")])
+def test_sigkill_mid_run_then_resume_is_bit_identical(artifacts: str, method: str, request: pytest.FixtureRequest,
+                                                      tmp_path: Path):
     """kill -9 from outside as soon as the first checkpoint exists; the resumed run must repeat the
-    uninterrupted one bit for bit (with and without dropout)."""
+    uninterrupted one bit for bit (with and without dropout, and with the local-activity method, whose
+    activity noise is drawn per step from the seed)."""
     art = request.getfixturevalue(artifacts)
-    args = lambda d: [*_args(art, d), "--epochs", str(KILL_EPOCHS), "--batch-size", "32"]  # noqa: E731
+    args = lambda d: [*_args(art, d), "--epochs", str(KILL_EPOCHS), "--batch-size", "32",  # noqa: E731
+                      "--method", method]
     straight = tmp_path / "straight"
     assert _invoke(args(straight)).exit_code == 0
     run_dir = tmp_path / "killed"

@@ -56,3 +56,16 @@ def _value(raw: str) -> Any:
         return json.loads(raw)
     except ValueError:
         return [_value(p) for p in raw.split(",")] if "," in raw else raw
+
+
+def parse_perturb(items: list[str] | None) -> dict[str, str]:
+    """['features.0.0=weight'] -> {'features.0.0': 'weight'} (the local-activity method's per-layer choice)."""
+    from asyncfgd.runtime.dual.activity import PERTURB_CHOICES
+
+    out: dict[str, str] = {}
+    for item in items or []:
+        layer, sep, how = item.partition("=")
+        if not sep or not layer or how not in PERTURB_CHOICES:
+            fail(f"--perturb takes LAYER=activity or LAYER=weight (e.g. features.0.0=weight), got {item!r}")
+        out[layer] = how
+    return out

@@ -16,7 +16,7 @@ from typing import Any
 
 import typer
 
-from asyncfgd.app.commands.common import fail, parse_config, parse_ints
+from asyncfgd.app.commands.common import fail, parse_config, parse_ints, parse_perturb
 from asyncfgd.app.commands.train_options import CONFIG_HELP, MODEL_HELP, WEIGHTS_HELP
 from asyncfgd.runtime.artifacts import param_numel
 
@@ -91,7 +91,13 @@ def register(app: typer.Typer) -> None:
                                "statistics, updated running stats as outputs) or 'frozen' (running stats)."),
         tangents: int = typer.Option(1, "--tangents", help="Weight tangents M per pass (leading dim of u.* inputs)."),
         config: list[str] = typer.Option([], "--config", help=CONFIG_HELP),
-        seed: int = typer.Option(0, "--seed", help="Seed of the weight initialisation."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the weight initialisation (and of local heads)."),
+        activity: bool = typer.Option(False, "--activity", help="Also export what `train --method local-activity` "
+                                      "runs: a local head on every non-last module and the 'activity' graph "
+                                      "role (docs/artifacts.md)."),
+        perturb: list[str] = typer.Option([], "--perturb", metavar="LAYER=activity|weight",
+                                          help="With --activity: how to perturb this layer, repeatable "
+                                          "(default: the lower-variance choice, docs/algorithm.md)."),
     ) -> None:
         """Export a model (zoo, torchvision or your own file) as forward-mode dual ONNX graphs (docs/artifacts.md).
 
@@ -105,7 +111,10 @@ def register(app: typer.Typer) -> None:
         from asyncfgd.exporter.models import model_spec
         from asyncfgd.runtime.contract import BN_MODES
         from asyncfgd.runtime.dual.interpreter import module_roles
-        from asyncfgd.runtime.dual.program import ModuleSpec
+        from asyncfgd.runtime.dual.program import ActivityPlan, ModuleSpec, Node
+
+        def aux_stub(has: bool) -> list[Node]:  # module_roles counts a local role where a head exists
+            return [Node("aux", "linear", [])] if has else []
 
         if check:
             _check(model, num_classes or CHECK_CLASSES, input_shape or CHECK_SHAPE, config, seed)
@@ -124,6 +133,9 @@ def register(app: typer.Typer) -> None:
         if bn not in BN_MODES:
             fail(f"--bn must be one of {', '.join(BN_MODES)}, got {bn!r}")
         shape = tuple(parse_ints(input_shape, "--input-shape", "3,32,32", 3))
+        choices = parse_perturb(perturb)
+        if choices and not activity:
+            fail("--perturb chooses how the local-activity graphs perturb a layer; add --activity")
         cuts = [s.strip() for s in split.split(",") if s.strip()] if split else None
         k = len(cuts) + 1 if cuts else (modules or 1)
         try:
@@ -132,7 +144,9 @@ def register(app: typer.Typer) -> None:
             if weights is not None:
                 for note in load_any_weights(net, weights, num_classes):
                     typer.echo(f"note: {note}")
-            graphs = sum(len(module_roles(ModuleSpec(i, [], "input"))) for i in range(k))
+            plan = ActivityPlan([], []) if activity else None
+            graphs = sum(len(module_roles(ModuleSpec(i, [], "input", aux_stub(activity and i < k - 1), plan)))
+                         for i in range(k))
             with tqdm(total=graphs, unit="graph", file=sys.stderr) as bar:
                 started = []  # a disabled bar (TQDM_DISABLE) keeps no description to test instead
 
@@ -144,7 +158,8 @@ def register(app: typer.Typer) -> None:
 
                 manifest = export_model(net, out, shape, num_classes, modules=modules, split_at=cuts,
                                         bn_mode=bn, tangents=tangents, model_spec=model_spec(net),
-                                        balance_batch=balance_batch, progress=progress)
+                                        balance_batch=balance_batch, activity=activity, perturb=choices,
+                                        seed=seed, progress=progress)
                 bar.update()
         except (ValueError, OSError) as exc:  # incl. SplitError, UnsupportedLayerError, a missing --weights
             fail(str(exc))

@@ -36,13 +36,15 @@ def report_cmd(
     cifar10: str | None = typer.Option(None, help="CIFAR-10 directory (python batches): adds its rows."),
     svhn: str | None = typer.Option(None, help="SVHN directory (train/test_32x32.mat): adds its rows."),
     only: str | None = typer.Option(None, help="Run only these settings (comma-separated: digits, transfer-head, "
-                                    "transfer-all, cifar10, svhn); the document then holds only them."),
+                                    "transfer-all, mnist-5k, shapes32, cifar10, svhn); the document then holds only "
+                                    "them."),
     epochs: int | None = typer.Option(None, min=1, help="Override every setting's epochs (a quick smoke run; the "
                                       "document's numbers use the settings' own)."),
 ) -> None:
-    """Measure backprop, sync FGD, AsyncFGD and the local-loss mode on digits from scratch and on the
-    digits-transfer fine-tune (and CIFAR-10/SVHN when given), at equal epochs and equal wall-clock, over
-    several seeds; writes the table into docs/convergence.md and the plots into docs/img."""
+    """Measure backprop, sync FGD, AsyncFGD, local-activity and the local-loss mode on digits from scratch,
+    mnist-5k and shapes32 from scratch and the digits-transfer fine-tune (and CIFAR-10/SVHN when given), at
+    equal epochs and equal wall-clock, over several seeds; writes the table into docs/convergence.md and the
+    plots into docs/img."""
     chosen, skipped = settings(cifar10, svhn)
     if only:
         wanted = set(only.split(","))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from asyncfgd.app.commands.common import INTERRUPTED, USER_ERRORS, fail, parse_config
+from asyncfgd.app.commands.common import INTERRUPTED, USER_ERRORS, fail, parse_config, parse_perturb
 from asyncfgd.app.commands.train_options import (
     AUTO,
     AlphaPresetOpt,
@@ -41,6 +41,7 @@ from asyncfgd.app.commands.train_options import (
     ModulesOpt,
     NormalizeOpt,
     OptimizerOpt,
+    PerturbOpt,
     ResumeOpt,
     RunDirOpt,
     SeedOpt,
@@ -54,11 +55,12 @@ from asyncfgd.app.commands.train_options import (
     WeightsOpt,
 )
 from asyncfgd.app.training import run_log
-from asyncfgd.app.training.config import Interrupted, TrainConfig, saved_config
+from asyncfgd.app.training.config import Interrupted, TrainConfig, method_defaults, saved_config
 from asyncfgd.app.training.loop import train
 from asyncfgd.exporter.model_sources import short_name
+from asyncfgd.runtime.engine import ACTIVITY_METHOD
 
-EXPORT_OPTIONS = ("model", "modules", "split", "bn", "weights", "config", "tangents")
+EXPORT_OPTIONS = ("model", "modules", "split", "bn", "weights", "config", "tangents", "perturb")
 
 
 def _explicit(ctx: typer.Context, names: tuple[str, ...] | list[str]) -> list[str]:
@@ -105,8 +107,15 @@ def new_config(ctx: typer.Context) -> TrainConfig:
              f"{_flags(_explicit(ctx, EXPORT_OPTIONS))} or drop --artifacts.")
     name = p["artifacts"].name if p["artifacts"] is not None else short_name(p["model"])  # no '/' or ':'
     run_dir = p.get("run_dir") or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{p.get('method', D.method)}"
-    lr = p.get("lr", D.lr)
+    method = p.get("method", D.method)
+    given = _explicit(ctx, list(p))
+    defaults = {k: v for k, v in method_defaults(method).items() if k not in given}
+    lr = defaults.pop("lr", p.get("lr", D.lr))
+    perturb = parse_perturb(p.get("perturb"))
+    if perturb and method != ACTIVITY_METHOD:
+        fail("--perturb chooses how the local-activity method perturbs a layer; add --method local-activity")
     return TrainConfig(**{**{f.name: p[f.name] for f in fields(TrainConfig) if f.name in p},
+                          **defaults, "perturb": perturb,
                           "lr": D.lr if lr == AUTO else lr,
                           "artifacts": str(p["artifacts"]) if p["artifacts"] else None,
                           "split": p["split"].split(",") if p["split"] else None,
@@ -142,6 +151,7 @@ def train_cmd(
     alpha_target: AlphaTargetOpt = D.alpha_target,
     alphas: AlphasOpt = None,
     tangents: TangentsOpt = D.tangents,
+    perturb: PerturbOpt = None,
     tangent_mode: TangentModeOpt = D.tangent_mode,
     store_tangents: StoreTangentsOpt = D.store_tangents,
     seed: SeedOpt = D.seed,

@@ -77,8 +77,10 @@ DataOpt = Annotated[str, typer.Option(
     "cifar10:PATH, svhn:PATH, imagefolder:PATH[:SIZE] (docs/usage.md).")]
 MethodOpt = Annotated[Literal[(*METHODS, "bp")], typer.Option(
     help="asyncfgd: pipelined forward gradients (the product); fgd: synchronous forward gradients "
-    "(no staleness, no overlap); local: experimental, each module learns from its own auxiliary head; bp: "
-    "PyTorch backprop on the same model and data, as a baseline.")]
+    "(no staleness, no overlap); local-activity: pipelined, each module a block that learns from its own head's "
+    "loss with activity perturbation (noise on pre-activations, not weights): learns from scratch far better; "
+    "local: experimental, local heads with weight perturbation; bp: PyTorch backprop on the same model and data, "
+    "as a baseline.")]
 BackendOpt = Annotated[Literal[BACKENDS], typer.Option(
     help="Where FGD runs: onnxruntime (CPU, no torch "
     "needed), torch / torch-cuda, tensorrt (Jetson).")]
@@ -127,7 +129,13 @@ AlphasOpt = Annotated[str | None, typer.Option(
 TangentsOpt = Annotated[int, typer.Option(
     min=1, help="Tangents per forward pass (exported into the "
     "graphs): the gradient noise falls as 1/M for M times the tangent compute. "
-    "The main lever on accuracy; lower it to train faster.")]
+    "The main lever on accuracy; lower it to train faster. Default 32; 4 with --method local-activity.")]
+PerturbOpt = Annotated[list[str] | None, typer.Option(
+    "--perturb", metavar="LAYER=activity|weight", show_default=False,
+    help="local-activity: perturb this layer's pre-activations (activity) or its weights (weight), repeatable. "
+    "Default per layer: activity where the layer has more weights than activations per sample / batch size "
+    "(the lower-variance choice), else weight; layers other than linear and ungrouped conv are always "
+    "weight-perturbed.")]
 TangentModeOpt = Annotated[Literal[MODES], typer.Option(
     help="Tangent distribution; orthogonal makes "
     "several tangents per pass cover distinct directions.")]

@@ -1,8 +1,8 @@
 """`asyncfgd-app report`: the experiments behind docs/convergence.md, run on this machine.
 
 A *setting* is a group of runs compared with each other: one task, the same options and epochs,
-one row per method (backprop, sync FGD, AsyncFGD, and the experimental local-loss mode), each
-over several seeds. Learning rates are chosen as the paper does (`sweep`, on a validation split,
+one row per method (backprop, sync FGD, AsyncFGD, local-activity and the experimental local-loss
+mode), each over several seeds. Learning rates are chosen as the paper does (`sweep`, on a validation split,
 seed 0) unless ``tune_lr`` is off. Fine-tuning settings start every seed from its own backprop-
 pretrained model (`pretrain`, seed s), and add the pretrained model's accuracy before
 fine-tuning. Timed runs go one at a time by default, each in a fresh process, so that their
@@ -23,13 +23,16 @@ from typing import Any
 
 from asyncfgd.app.training import metrics
 from asyncfgd.app.training import pretrain as pretrain_defaults
-from asyncfgd.app.training.config import TrainConfig
+from asyncfgd.app.training.config import TrainConfig, method_defaults
 from asyncfgd.app.training.pretrain import pretrain
 from asyncfgd.app.training.sweep import DEFAULT_EPOCHS, DEFAULT_LRS, DEFAULT_VALIDATION, default_jobs, run_many, sweep
+from asyncfgd.runtime.engine import ACTIVITY_METHOD
 from asyncfgd.runtime.engine import METHODS as FGD_METHODS
 
 SEEDS = (0, 1, 2)
 METHODS = ("bp", *FGD_METHODS)
+#: the from-scratch comparison of issue 16: the product, its synchronous form, the new method, backprop
+SCRATCH_METHODS = ("bp", "fgd", "asyncfgd", ACTIVITY_METHOD)
 PRETRAINED = "pretrained"  # the row of the starting model, evaluated without training (epochs 0)
 MEASURED = "measured.json"  # when the timed runs ran, and the machine's load then (a re-render keeps it)
 #: the fine-tune recipe (docs/convergence.md): pretrained body frozen, the head its own module, trained
@@ -46,7 +49,11 @@ class Setting:
     methods: tuple[str, ...]
     options: dict[str, Any]  # TrainConfig fields shared by every method
     pretrained: bool = False  # fine-tune each seed's pretrained model (and report its accuracy before)
-    target: tuple[str, float] | None = None  # ("accuracy", a) or ("recovery", r): AsyncFGD's acceptance bar
+    #: an acceptance bar: ("accuracy", a) or ("recovery", r) for AsyncFGD; ("activity", a): local-activity
+    #: reaches a at most ACTIVITY_TIME_RATIO x backprop's time per epoch; ("activity-gap", g): local-activity
+    #: ends within g of backprop
+    target: tuple[str, float] | None = None
+    tune_lr: bool = True  # False: every method at its train default (method_defaults), even when tuning
 
 
 @dataclass
@@ -69,6 +76,9 @@ def settings(cifar10: str | None = None, svhn: str | None = None) -> tuple[list[
         Setting("digits-transfer fine-tune (cnn)", "all layers", "transfer-all", METHODS,
                 {"model": "cnn", "data": "digits-transfer", "epochs": 30}, pretrained=True),
     ]
+    for data, bar in (("mnist-5k", ("activity", 0.95)), ("shapes32", ("activity-gap", 0.10))):
+        out.append(Setting(f"{data} from scratch (cnn)", "train defaults, 20 epochs", data, SCRATCH_METHODS,
+                           {"model": "cnn", "data": data, "epochs": 20}, target=bar, tune_lr=False))
     skipped = []
     for name, spec, flag in (("CIFAR-10", cifar10, "cifar10"), ("SVHN", svhn, "svhn")):
         if spec is None:
@@ -103,15 +113,16 @@ def _pretrained_weights(work: Path, seeds: tuple[int, ...], log: Callable[[str],
 
 
 def _base(st: Setting, method: str, seed: int, weights: dict[int, str], run_dir: Path) -> TrainConfig:
-    return TrainConfig(**{**st.options, "method": method, "seed": seed, "run_dir": str(run_dir),
+    return TrainConfig(**{**method_defaults(method), **st.options, "method": method, "seed": seed,
+                          "run_dir": str(run_dir),
                           "weights": weights.get(seed) if st.pretrained else None})
 
 
 def _choose_lr(st: Setting, method: str, weights: dict[int, str], work: Path, tune: bool,
                log: Callable[[str], None]) -> float:
     """The sweep's winner on seed 0 (reused from an earlier report run), or train's default."""
-    if not tune:
-        return TrainConfig().lr
+    if not (tune and st.tune_lr):
+        return float(method_defaults(method).get("lr", TrainConfig().lr))
     out = work / st.slug / method / "lr-sweep"
     base = _base(st, method, 0, weights, out)
     short = replace(base, epochs=min(base.epochs, DEFAULT_EPOCHS), validation=DEFAULT_VALIDATION)

@@ -3,13 +3,14 @@
 Exporting takes seconds (tracing, ONNX emission), so repeated runs with the same model reuse the
 directory. The key covers everything the graphs and initial weights depend on: model name and
 config, split (and the batch size it is balanced for), BatchNorm mode, tangents per pass, local
-heads, the dataset's shape and classes, the init seed (models draw their init from the global torch
-RNG), the bytes of a ``--weights`` file, the package version (a newer exporter may emit different
-graphs) and, for a ``--model PATH.py:FACTORY``, the file's absolute path and bytes (not those of
-modules it imports), for ``--model torchvision:NAME`` torchvision's version. A directory is reused
-only if it loads and every graph still matches its checksum; otherwise it is exported again. Exports
-go to a temporary directory that is renamed into place, so an interrupted export never leaves a
-half-written entry behind.
+heads and the local-activity graphs (with their per-layer choices), the dataset's shape and classes,
+the init seed (models draw their init from the global torch RNG), the bytes of a ``--weights`` file,
+the package version (a newer exporter may emit different graphs) and, for a ``--model
+PATH.py:FACTORY``, the file's absolute path and bytes (not those of modules it imports), for
+``--model torchvision:NAME`` torchvision's version. A directory is reused only if it loads and every
+graph still matches its checksum; otherwise it is exported again. Exports go to a temporary
+directory that is renamed into place, so an interrupted export never leaves a half-written entry
+behind.
 """
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ class ExportOptions:
     weights: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
     local_heads: bool = False  # auxiliary heads for the experimental ``local`` method
+    activity: bool = False  # heads and the activity role for the ``local-activity`` method
+    perturb: tuple[tuple[str, str], ...] = ()  # its per-layer choices (layer, activity | weight)
     balance_batch: int = 64  # the training batch an automatic split is balanced for
 
     def key(self) -> str:
@@ -101,7 +104,7 @@ def export(opts: ExportOptions, out_dir: Path) -> None:
     export_model(model, out_dir, opts.input_shape, opts.num_classes, modules=opts.modules,
                  split_at=list(opts.split) if opts.split else None, bn_mode=opts.bn_mode,
                  tangents=opts.tangents, model_spec=model_spec(model), local_heads=opts.local_heads, seed=opts.seed,
-                 balance_batch=opts.balance_batch)
+                 balance_batch=opts.balance_batch, activity=opts.activity, perturb=dict(opts.perturb))
 
 
 def cached_artifacts(opts: ExportOptions) -> Path:

@@ -38,7 +38,7 @@ from asyncfgd.app.training.data import ArrayDataset, BatchStream, DatasetSplits,
 from asyncfgd.app.training.freeze import freeze_note, frozen_modules
 from asyncfgd.app.training.learners import Learner, make_learner, store_tangents
 from asyncfgd.runtime.artifacts import Artifacts, load_artifacts
-from asyncfgd.runtime.engine import LOCAL_METHOD
+from asyncfgd.runtime.engine import ACTIVITY_METHOD, LOCAL_METHOD
 from asyncfgd.runtime.scheduler import NonFiniteLoss
 
 EVAL_CHUNK = 512
@@ -73,9 +73,13 @@ def resolve_artifacts(cfg: TrainConfig, data: DatasetSplits) -> Artifacts:
         directory = cached_artifacts(ExportOptions(
             cfg.model, data.num_classes, tuple(data.input_shape), cfg.modules,
             tuple(cfg.split) if cfg.split else None, cfg.bn, cfg.tangents, cfg.seed, cfg.weights, cfg.config,
-            local_heads=cfg.method == LOCAL_METHOD, balance_batch=cfg.batch_size))
+            local_heads=cfg.method == LOCAL_METHOD, balance_batch=cfg.batch_size,
+            activity=cfg.method == ACTIVITY_METHOD, perturb=tuple(sorted(cfg.perturb.items()))))
     arts = load_artifacts(directory)
     check_fit(arts, data)
+    if cfg.method == ACTIVITY_METHOD and any(m.activity is None for m in arts.modules):
+        raise TrainError(f"the artifacts in {arts.root} have no local-activity graphs; export them with "
+                         "`asyncfgd-app export --activity ...` or train with --model to export on the fly.")
     return arts
 
 

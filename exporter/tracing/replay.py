@@ -68,10 +68,12 @@ def run_segment(*args: Any, **kwargs: Any) -> torch.Tensor:
 
 def _run_segment(model: nn.Module, mod: ModuleSpec, x: torch.Tensor,
                 params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor] | None,
-                masks: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                masks: dict[str, torch.Tensor] | None = None,
+                shift: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Module ``mod`` of ``model`` on x with ``params`` substituted; ``buffers`` are BatchNorm
-    statistics (None: batch statistics, none updated; else updated in place in train mode), and
-    ``masks`` the dropout masks by program node name (none: dropout is the identity)."""
+    statistics (None: batch statistics, none updated; else updated in place in train mode),
+    ``masks`` the dropout masks by program node name (none: dropout is the identity), and ``shift``
+    values added to the outputs of the named program nodes (activity perturbation's δ)."""
     tr = traced(model)
     gm: fx.GraphModule = tr.graph
     by_source: dict[str, list[Node]] = {}
@@ -107,6 +109,8 @@ def _run_segment(model: nn.Module, mod: ModuleSpec, x: torch.Tensor,
             out: Any = args[0]  # the module starts at a layer's first output (attention's (out, weights))
         else:
             out = _run(n, nodes, layers, args, kwargs, params, buffers, masks)
+        if shift and nodes and nodes[-1].name in shift:
+            out = out + shift[nodes[-1].name]
         for watch in _observers:
             if nodes:
                 watch(n.name, nodes, args, out)

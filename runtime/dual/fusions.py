@@ -15,7 +15,7 @@ import numpy as np
 from .ops import window_out
 from .program import Node
 from .rules.core import RuleContext, RuleOut, add_opt
-from .rules.layers import bn_primal, bn_tangent_coefficients, conv_dual, param_tangent_product
+from .rules.layers import bn_primal, bn_tangent_coefficients, conv_correlation, conv_dual, im2col, param_tangent_product
 
 DENSE_MAX_ELEMENTS = 1 << 18  # the dense matrix's size cap (1 MiB); larger ones lost to the conv
 
@@ -135,27 +135,15 @@ def conv_bn_from_data(ops, conv_node: Node, bn_node: Node, x, p_conv: dict, u_co
 def _tap_moments(ops, x, xc, conv_node: Node, kernel: tuple[int, int]) -> tuple[Any, Any]:
     """G[c,ci,t] = mean_{n,p}(xc[n,c,p]·x[n,ci,p+t]) and S[ci,t] = mean_{n,p} x[n,ci,p+t] over the
     conv's taps t (zero padding): the moments that make BN's tangent statistics linear in the conv's
-    weight tangent (``conv_bn_from_data``). The im2col of x comes from one conv of each input
-    channel with one-hot tap kernels (slicing every tap costs ~20 graph nodes); G is then one GEMM
-    over (n, p) and S the same im2col of the batch-mean image (a batched product reduced over n
-    ran 2x slower)."""
-    a_ = conv_node.attrs
+    weight tangent (``conv_bn_from_data``). G is the conv's weight correlation (``conv_correlation``)
+    of xc with x; S the same im2col of the batch-mean image (a batched product reduced over n ran
+    2x slower)."""
+    n_ci = ops.shape(x)[1]
     kh, kw = kernel
-    n_ci, h, w = ops.shape(x)[1:]
-    c, ho, wo = ops.shape(xc)[1:]
-    k, p = n_ci * kh * kw, ho * wo
-    taps = ops.const(np.eye(kh * kw, dtype=np.float32).reshape(kh * kw, 1, kh, kw))
-
-    def im2col(t):  # (B, Ci, H, W) -> (B, Ci·T, P)
-        cols = ops.conv(ops.reshape(t, [-1, 1, h, w]), taps, None, a_["stride"], a_["padding"], a_["dilation"], 1)
-        return ops.reshape(cols, [-1, k, p])
-
-    cols = ops.reshape(ops.transpose(im2col(x), [0, 2, 1]), [-1, k])  # (N·P, Ci·T)
-    rows = ops.reshape(ops.transpose(ops.reshape(xc, [-1, c, p]), [1, 0, 2]), [c, -1])  # (C, N·P)
-    count = ops.batch_count(x, p)
-    g = ops.div(ops.matmul(rows, cols), count)
-    s_mean = ops.mean(im2col(ops.mean(x, [0])), [2], keepdims=False)
-    return ops.reshape(g, [c, n_ci, kh, kw]), ops.reshape(s_mean, [n_ci, kh, kw])
+    ho, wo = ops.shape(xc)[2:]
+    g = ops.div(conv_correlation(ops, x, xc, conv_node.attrs, kernel), ops.batch_count(x, ho * wo))
+    s_mean = ops.mean(im2col(ops, ops.mean(x, [0]), conv_node.attrs, kernel), [2], keepdims=False)
+    return g, ops.reshape(s_mean, [n_ci, kh, kw])
 
 
 def dense_conv_rule(ops, node: Node, x: Any, xd: Any, p: dict, u: dict, ctx: RuleContext) -> RuleOut:

@@ -5,14 +5,17 @@ contract, runtime/contract.py); ``run_program`` interprets the layer nodes under
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .. import contract as c
+from . import activity
 from .fusions import conv_bn_from_data, dense_conv_rule, densifies, fold_pairs, pays_to_fold
 from .ops import Ops
 from .program import BATCH_REF, ModuleSpec, Node, weight_names
 from .rules import RULES, RuleContext, cross_entropy, swap_major
+from .rules.core import add_opt
 
 
 @dataclass(frozen=True)
@@ -39,19 +42,35 @@ class GraphSpec:
 def module_roles(mod: ModuleSpec) -> tuple[str, ...]:
     """The first module's input is data, whose tangent is always zero: it has no ``dual`` role."""
     roles = c.ROLES[1:] if mod.index == 0 else c.ROLES
-    return (*roles, c.LOCAL) if mod.aux else roles
+    roles = (*roles, c.LOCAL) if mod.aux else roles
+    return (*roles, c.ACTIVITY) if mod.activity is not None else roles
 
 
 def graph_weight_names(mod: ModuleSpec, spec: GraphSpec) -> list[str]:
-    """Weights a graph takes: the module's, plus its auxiliary head's in the local role."""
-    return weight_names(mod.nodes + (mod.aux if spec.role == c.LOCAL else []))
+    """Weights a graph takes: the module's, plus its auxiliary head's in the local roles."""
+    return weight_names(mod.nodes + (mod.aux if spec.role in (c.LOCAL, c.ACTIVITY) else []))
+
+
+def graph_tangent_names(mod: ModuleSpec, spec: GraphSpec) -> list[str]:
+    """Weights whose tangents a graph takes: all of them, except in the activity role (only the
+    weight-perturbed ones)."""
+    if not spec.dual:
+        return []
+    if spec.role == c.ACTIVITY:
+        assert mod.activity is not None  # the role exists only with a plan
+        return list(mod.activity.weight_perturbed)
+    return graph_weight_names(mod, spec)
 
 
 def run_module(ops: Ops, mod: ModuleSpec, spec: GraphSpec, is_last: bool, x: Any, x_dot: Any,
                params: dict[str, Any], tangents: dict[str, Any], stats: dict[str, Any],
-               labels: Any = None, masks: dict[str, Any] | None = None) -> dict[str, Any]:
+               labels: Any = None, masks: dict[str, Any] | None = None,
+               noise: dict[str, Any] | None = None) -> dict[str, Any]:
     """One graph's computation, returned by output name; ``masks`` are the dropout masks by node
-    name (the training roles'; without them dropout is the identity, as in ``eval``)."""
+    name (the training roles'; without them dropout is the identity, as in ``eval``); ``noise``
+    the activity role's ε by site node, (m, N, ...)."""
+    if spec.role == c.ACTIVITY:
+        return run_activity(ops, mod, spec, is_last, x, params, tangents, stats, labels, masks, noise or {})
     ctx = spec.context()
     y, yd, new_stats = run_program(ops, mod.nodes, mod.input, x, x_dot if spec.role == c.DUAL else None,
                                    params, tangents if spec.dual else {}, stats, ctx,
@@ -81,9 +100,59 @@ def run_module(ops: Ops, mod: ModuleSpec, spec: GraphSpec, is_last: bool, x: Any
     return out
 
 
+def run_activity(ops: Ops, mod: ModuleSpec, spec: GraphSpec, is_last: bool, x: Any, params: dict[str, Any],
+                 tangents: dict[str, Any], stats: dict[str, Any], labels: Any, masks: dict[str, Any] | None,
+                 noise: dict[str, Any]) -> dict[str, Any]:
+    """The activity role (runtime/dual/activity.py): one pass in which every perturbation group (the
+    weight-perturbed weights, then each site) has m tangent slots of its own, the local loss (the
+    head's, or the true loss in the last module) per sample, and every weight's estimate from its
+    own group's d, so no group's noise enters another's estimate."""
+    plan = mod.activity
+    assert plan is not None  # the role exists only with a plan
+    m, groups = spec.m, activity.groups(plan)
+    ctx = replace(spec.context(), m=m * len(groups))
+    slot = {g: i for i, g in enumerate(groups)}
+    inject = {s.node: swap_major(ops, noise[s.node], m, to_samples=True) for s in plan.sites}
+    u = {q: activity.in_slots(ops, tangents[q], slot[activity.WEIGHTS], len(groups)) for q in plan.weight_perturbed}
+    wanted = {n for s in plan.sites for layer in s.layers for n in (layer, *_node(mod, layer).inputs)}
+    values: dict[str, Any] = {}
+
+    def place(node: str, y: Any, eps: Any) -> Any:  # a site's ε (N, m, ...) into its slots of (N, G·m, ...)
+        return activity.in_slots(ops, eps, slot[node], len(groups), axis=1)
+
+    y, yd, new_stats = run_program(ops, mod.nodes, mod.input, x, None, params, u, stats, ctx,
+                                   masks, inject, values, wanted, place)
+    out: dict[str, Any] = {}
+    if mod.aux:
+        out[c.Y] = y
+        z, zd, _ = run_program(ops, mod.aux, mod.output, y, yd, params, u, {}, ctx, None, inject, values, wanted, place)
+    else:
+        assert is_last, "a non-last module needs a local head for the activity role"
+        z, zd = y, yd
+    out[c.LOSS], d = cross_entropy(ops, z, zd, labels, True, per_sample=True)
+    out[c.SAMPLE_DOT], out[c.LOGITS] = d, z
+    by_name = {n.name: n for n in mod.nodes + mod.aux}
+    for site in plan.sites:
+        g = activity.site_gradient(ops, activity.group_d(ops, d, slot[site.node], m), noise[site.node], m)
+        for q, est in activity.site_estimates(ops, site, by_name, g, values, params, stats, ctx).items():
+            out[c.grad_output(q)] = est
+    for q in plan.weight_perturbed:
+        out[c.grad_output(q)] = activity.weight_estimate(ops, activity.group_d(ops, d, slot[activity.WEIGHTS], m),
+                                                         tangents[q], m)
+    if ctx.bn_train:
+        out.update({c.stat_output(k): v for k, v in new_stats.items()})
+    return out
+
+
+def _node(mod: ModuleSpec, name: str) -> Node:
+    return next(n for n in mod.nodes + mod.aux if n.name == name)
+
+
 def run_program(ops: Ops, nodes: list[Node], input_name: str, x: Any, x_dot: Any, params: dict[str, Any],
                 tangents: dict[str, Any], stats: dict[str, Any], ctx: RuleContext,
-                masks: dict[str, Any] | None = None) -> tuple[Any, Any, dict[str, Any]]:
+                masks: dict[str, Any] | None = None, inject: dict[str, Any] | None = None,
+                values: dict[str, Any] | None = None, wanted: set[str] | None = None,
+                place: Callable[[str, Any, Any], Any] | None = None) -> tuple[Any, Any, dict[str, Any]]:
     """Interpret ``nodes`` on (x, ẋ): returns (y, ẏ, updated BN statistics by qualified name).
 
     ``x_dot`` and ẏ are (m, N, ...), the artifact contract's layout; the rules work on (N, m, ...)
@@ -114,8 +183,13 @@ def run_program(ops: Ops, nodes: list[Node], input_name: str, x: Any, x_dot: Any
             y, yd, upd = dense_conv_rule(ops, node, xs[0], xds[0], p, u, ctx)
         else:
             y, yd, upd = RULES[node.op](ops, node, xs, xds, p, u, s, ctx)
+        if inject and node.name in inject:
+            extra = inject[node.name]
+            yd = add_opt(ops, yd, place(node.name, y, extra) if place else extra)
         env[node.name] = (y, yd)
         new_stats.update({node.buffers[role]: v for role, v in upd.items()})
+    if values is not None and wanted:
+        values.update({k: v[0] for k, v in env.items() if k in wanted})
     y, yd = env[nodes[-1].name]
     return y, swap_major(ops, yd, ctx.m, to_samples=False), new_stats
 

@@ -57,6 +57,36 @@ def stat_names(nodes: list[Node]) -> list[str]:
 
 
 @dataclass
+class Site:
+    """Where activity perturbation adds its noise ε: the output of ``node``, whose local
+    gradient estimate forms the weight estimates of ``layers`` (runtime/dual/activity.py)."""
+
+    node: str  # the program node whose output is perturbed (a linear, a conv, or the BatchNorm after one)
+    layers: list[str]  # the nodes whose weights the site estimates: [linear], [conv] or [conv, batchnorm]
+    shape: list[int]  # ε's per-sample shape (the node's output shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ActivityPlan:
+    """How a module is perturbed under the local-activity method: the activity sites, and the
+    weights perturbed directly (weight perturbation) because that has the lower variance there
+    or the layer has no site form."""
+
+    sites: list[Site]
+    weight_perturbed: list[str]  # qualified weight names
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sites": [s.to_dict() for s in self.sites], "weight_perturbed": list(self.weight_perturbed)}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> ActivityPlan:
+        return ActivityPlan([Site(**s) for s in d["sites"]], list(d["weight_perturbed"]))
+
+
+@dataclass
 class ModuleSpec:
     """One pipeline module: a contiguous run of the program, reading one value."""
 
@@ -64,6 +94,7 @@ class ModuleSpec:
     nodes: list[Node]
     input: str  # value name the module consumes ("input" for the first module)
     aux: list[Node] = field(default_factory=list)  # local-loss head (exporter/local_heads.py), if exported
+    activity: ActivityPlan | None = None  # the local-activity method's perturbation, if exported
 
     @property
     def output(self) -> str:
@@ -78,4 +109,6 @@ class ModuleSpec:
 def module_specs(manifest: dict[str, Any]) -> list[ModuleSpec]:
     """Rebuild the split programs from a manifest (for the torch backend and validation)."""
     return [ModuleSpec(m["index"], [Node.from_dict(n) for n in m["program"]], m["input"],
-                       [Node.from_dict(n) for n in m.get("aux_program", [])]) for m in manifest["modules"]]
+                       [Node.from_dict(n) for n in m.get("aux_program", [])],
+                       ActivityPlan.from_dict(m["activity"]) if m.get("activity") else None)
+            for m in manifest["modules"]]

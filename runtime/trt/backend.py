@@ -111,7 +111,7 @@ class TrtModuleRunner:
         from pycuda import gpuarray  # noqa: PLC0415 - device-only dependency
 
         self._cuda, self._ring = cuda, output_ring
-        self.index, self.is_last, self.dropout = info.index, info.is_last, info.dropout
+        self.index, self.is_last, self.dropout, self.activity = info.index, info.is_last, info.dropout, info.activity
         self.stream = cuda.Stream()
         #: numpy-like namespace over GPUArrays for the runtime's optimizer and update math
         self.xp = GpuArrayXp(self.stream)
@@ -139,7 +139,8 @@ class TrtModuleRunner:
     # --- protocol -------------------------------------------------------------------------
 
     def run(self, role: str, x: Any, x_dot: Any = None, labels: Any = None, ready: Any = None,
-            masks: Mapping[str, np.ndarray] | None = None) -> RunResult:
+            masks: Mapping[str, np.ndarray] | None = None, noise: Mapping[str, np.ndarray] | None = None
+            ) -> RunResult:
         """Enqueue one graph on this module's stream; results are device arrays (not synced)."""
         ensure_context(self._cuda)
         if role not in self._contexts:
@@ -147,7 +148,8 @@ class TrtModuleRunner:
         ctx, io = self._contexts[role], self._io[role]
         batch = int(x.shape[0])
         slot = self._next_slot(role, batch)
-        feeds = {c.X: x, c.X_DOT: x_dot, c.LABELS: labels, **{c.mask_input(k): v for k, v in (masks or {}).items()}}
+        feeds = {c.X: x, c.X_DOT: x_dot, c.LABELS: labels, **{c.mask_input(k): v for k, v in (masks or {}).items()},
+                 **{c.noise_input(k): v for k, v in (noise or {}).items()}}
         reads = []  # device buffers from other modules that this run reads
         for name, (is_input, dtype) in io.items():
             if not is_input:

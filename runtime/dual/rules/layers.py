@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from .core import RuleContext, RuleOut, add_opt, merge_m, primal, rule, split_m
 
 
@@ -49,8 +51,10 @@ def linear(ops, node, xs, xds, p, u, s, ctx) -> RuleOut:
         y = ops.reshape(y, [-1, *lead, f_out])
     if not ctx.dual:
         return y, None, {}
-    uw, ub = u["weight"], u.get("bias")
-    if xd is not None and ctx.m == 1:
+    uw, ub = u.get("weight"), u.get("bias")
+    if uw is None:  # weights not perturbed (activity perturbation): ẏ = ẋ·Wᵀ
+        yd = None if xd is None else ops.matmul(xd, ops.transpose(w, [1, 0]))
+    elif xd is not None and ctx.m == 1:
         # one product: [ẋ, x] @ [W, U]ᵀ
         xx = ops.concat([ops.reshape(xd, [-1, f_in]), rows], 1)
         ww = ops.concat([w, ops.reshape(uw, [f_out, f_in])], 1)
@@ -63,7 +67,7 @@ def linear(ops, node, xs, xds, p, u, s, ctx) -> RuleOut:
         if xd is not None:
             yd = ops.add(yd, ops.matmul(xd, ops.transpose(w, [1, 0])))
     if ub is not None:
-        yd = ops.add(yd, ops.reshape(ub, [1, ctx.m, *([1] * len(lead)), f_out]))
+        yd = add_opt(ops, yd, ops.reshape(ub, [1, ctx.m, *([1] * len(lead)), f_out]))
     return y, yd, {}
 
 
@@ -76,9 +80,11 @@ def conv_dual(ops, node, x, xd, p, u, ctx: RuleContext, xd_conv: Callable[[Any, 
     y = conv(x, w, b)
     if not ctx.dual:
         return y, None, {}
-    uw, ub = u["weight"], u.get("bias")
+    uw, ub = u.get("weight"), u.get("bias")
     g = a["groups"]
-    if xd is not None and ctx.m == 1 and xd_conv is None:
+    if uw is None:  # weights not perturbed (activity perturbation): ẏ = W∗ẋ
+        yd = None if xd is None else split_m(ops, conv(merge_m(ops, xd), w), ctx.m)
+    elif xd is not None and ctx.m == 1 and xd_conv is None:
         # one conv over channel-concatenated [ẋ, x] with [W, U] (interleaved per group)
         n_c = ops.shape(x)[1]
         hw = list(ops.shape(x)[2:])
@@ -94,8 +100,33 @@ def conv_dual(ops, node, x, xd, p, u, ctx: RuleContext, xd_conv: Callable[[Any, 
             else:
                 yd = ops.add(yd, split_m(ops, conv(merge_m(ops, xd), w), ctx.m))
     if ub is not None:
-        yd = ops.add(yd, ops.reshape(ub, [1, ctx.m, ops.shape(ub)[1], 1, 1]))
+        yd = add_opt(ops, yd, ops.reshape(ub, [1, ctx.m, ops.shape(ub)[1], 1, 1]))
     return y, yd, {}
+
+
+def im2col(ops, t, attrs: dict, kernel: tuple[int, int]) -> Any:
+    """(B, Ci, H, W) -> (B, Ci·T, P): each input channel's values under the conv's T taps at its P
+    output positions. One conv of each channel with one-hot tap kernels (slicing every tap costs
+    ~20 graph nodes)."""
+    kh, kw = kernel
+    n_ci, h, w = ops.shape(t)[1:]
+    taps = ops.const(np.eye(kh * kw, dtype=np.float32).reshape(kh * kw, 1, kh, kw))
+    cols = ops.conv(ops.reshape(t, [-1, 1, h, w]), taps, None, attrs["stride"], attrs["padding"], attrs["dilation"], 1)
+    return ops.reshape(cols, [-1, n_ci * kh * kw, ops.shape(cols)[2] * ops.shape(cols)[3]])
+
+
+def conv_correlation(ops, x, g, attrs: dict, kernel: tuple[int, int]) -> Any:
+    """Σ_{n,p} g[n,c,p]·x[n,ci,p+t] as (C, Ci, kh, kw): an ungrouped conv's transpose with respect
+    to its weight, applied to g (the weight gradient when g is the output's gradient). One GEMM over
+    the (n, p) pairs of the im2col."""
+    kh, kw = kernel
+    n_ci = ops.shape(x)[1]
+    c = ops.shape(g)[1]
+    cols = im2col(ops, x, attrs, kernel)
+    k, p = ops.shape(cols)[1:]
+    cols = ops.reshape(ops.transpose(cols, [0, 2, 1]), [-1, k])  # (N·P, Ci·T)
+    rows = ops.reshape(ops.transpose(ops.reshape(g, [-1, c, p]), [1, 0, 2]), [c, -1])  # (C, N·P)
+    return ops.reshape(ops.matmul(rows, cols), [c, n_ci, kh, kw])
 
 
 def _padded(ops, x, xd, pads: list[int], m: int) -> tuple[Any, Any]:

@@ -1,0 +1,211 @@
+"""Activity perturbation with local losses: where the noise goes and how estimates are formed.
+
+After Ren et al. 2023 ("Scaling Forward Gradient With Local Losses") and Fournier et al. 2023
+(LocalFG-A). Instead of perturbing a layer's weights W, perturb its pre-activation z = W x with
+ε_nj (sample n, tangent j) and take sample n's own directional derivative d_nj = ∇_{z_n} ℓ_n · ε_nj
+of its local loss ℓ_n. Then
+
+    G_n = (1/(m·N)) Σ_j d_nj · ε_nj        estimates ∇_{z_n} of the batch-mean loss, and
+    ĝ_W = Σ_n G_n x_nᵀ                     (a conv: the matching correlation, ``conv_correlation``)
+
+is unbiased for ∇_W when the ε are independent with E[ε εᵀ] = I. Its noise scales with the
+activations a sample has at the site (divided by the batch, over which the noise averages),
+not with the layer's weights.
+
+Sites (``Site``): a linear layer's output; an ungrouped conv's output; and, for a conv read only
+by a BatchNorm, the BatchNorm's output: ℓ_n then depends on sample n's perturbed value alone
+even in train mode, and the estimate reaches γ, β and the conv through BatchNorm's closed-form
+transpose (its batch coupling included exactly). A site is unbiased only if nothing after it
+in the module couples samples, so a layer followed by a train-mode BatchNorm later in its module
+is weight-perturbed instead.
+
+``plan`` chooses per layer (``perturbation_rule``): activity where the site has fewer
+activations per sample, divided by the batch, than the layer has weights; weight perturbation
+otherwise (and for every layer with no site form: grouped convs, norms alone, embeddings).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from .program import ActivityPlan, Node, Site
+from .rules.core import RuleContext
+from .rules.layers import bn_primal, channel_mean, conv_correlation
+
+PERTURB_CHOICES = ("activity", "weight")
+#: the perturbation group of the weight-perturbed weights (the others are named by their site node)
+WEIGHTS = "@weights"
+
+
+class PlanError(ValueError):
+    """A requested perturbation the module cannot have (names the layer and why)."""
+
+
+def _readers(nodes: list[Node]) -> dict[str, list[Node]]:
+    out: dict[str, list[Node]] = {}
+    for n in nodes:
+        for i in n.inputs:
+            out.setdefault(i, []).append(n)
+    return out
+
+
+def candidate_sites(nodes: list[Node], bn_train: bool) -> list[Site]:
+    """Every layer of ``nodes`` that can be activity-perturbed without bias, as a site."""
+    readers = _readers(nodes)
+    index = {n.name: i for i, n in enumerate(nodes)}
+    later_bn = {n.name for n in nodes if bn_train and n.op == "batchnorm2d"}
+    sites = []
+    for n in nodes:
+        if not n.params:
+            continue
+        if n.op == "linear":
+            site = Site(n.name, [n.name], list(n.shape))
+        elif n.op == "conv2d" and n.attrs["groups"] == 1:
+            reads = readers.get(n.name, [])
+            if len(reads) == 1 and reads[0].op == "batchnorm2d" and "weight" in reads[0].params:
+                site = Site(reads[0].name, [n.name, reads[0].name], list(reads[0].shape))
+            else:
+                site = Site(n.name, [n.name], list(n.shape))
+        else:
+            continue
+        at = index[site.node]
+        if any(index[b] > at for b in later_bn):
+            continue  # a train-mode BatchNorm after the site couples the samples: d would be biased
+        sites.append(site)
+    return sites
+
+
+def layer_weights(nodes: list[Node], site: Site) -> int:
+    by_name = {n.name: n for n in nodes}
+    return sum(by_name[layer].weights for layer in site.layers)
+
+
+def perturbation_rule(site: Site, weights: int, batch: int) -> str:
+    """Activity where a site's activations per sample / batch < the layer's weights, else weight.
+
+    Weight perturbation's relative variance grows with the weights P it perturbs together
+    ((P + 2)/m for Gaussian u); activity perturbation's with the site's activations per sample D,
+    averaged over the batch's N independent samples (≈ D/(m·N) when per-sample gradients agree).
+    """
+    return "activity" if math.prod(site.shape) / batch < weights else "weight"
+
+
+def plan(nodes: list[Node], aux: list[Node], batch: int, bn_train: bool,
+         choose: Mapping[str, str] | None = None) -> ActivityPlan:
+    """A module's perturbation plan; ``choose`` maps layer names to ``activity``/``weight`` and
+    overrides the rule for them (a layer not in the module is ignored, so one map serves all modules)."""
+    choose = dict(choose or {})
+    for layer, how in choose.items():
+        if how not in PERTURB_CHOICES:
+            raise PlanError(f"perturbation for {layer!r} must be one of {PERTURB_CHOICES}, got {how!r}")
+    everything = nodes + aux
+    sites = {s.layers[0]: s for s in candidate_sites(everything, bn_train)}
+    by_name = {n.name: n for n in everything}
+    chosen: list[Site] = []
+    for layer, how in choose.items():
+        if how == "activity" and layer in by_name and layer not in sites and not any(
+                layer in s.layers for s in sites.values()):
+            n = by_name[layer]
+            why = ("it has no weights" if not n.params else
+                   "a train-mode BatchNorm after it in its module couples the samples" if n.op in ("linear", "conv2d")
+                   else f"{n.op} layers have no activity form (linear and ungrouped conv2d do)")
+            raise PlanError(f"layer {layer!r} cannot be activity-perturbed: {why}")
+    for site in sites.values():
+        given = [choose[layer] for layer in site.layers if layer in choose]
+        how = given[0] if given else perturbation_rule(site, layer_weights(everything, site), batch)
+        if how == "activity":
+            chosen.append(site)
+    covered = {layer for s in chosen for layer in s.layers}
+    weight_perturbed = [q for n in everything if n.name not in covered for q in n.params.values()]
+    return ActivityPlan(chosen, list(dict.fromkeys(weight_perturbed)))
+
+
+def groups(plan: ActivityPlan) -> list[str]:
+    """The perturbation groups in tangent-slot order: the weight-perturbed weights (if any), then
+    each site. Group i owns tangent slots [i·m, (i+1)·m) of the pass and its own d."""
+    return ([WEIGHTS] if plan.weight_perturbed else []) + [s.node for s in plan.sites]
+
+
+def in_slots(ops: Any, t: Any, group: int, count: int, axis: int = 0) -> Any:
+    """A group's tangents (m along ``axis``) placed in its slots among ``count`` groups, zeros elsewhere."""
+    if count == 1:
+        return t
+    zero = ops.mul(t, ops.const(0.0))
+    return ops.concat([zero] * group + [t] + [zero] * (count - group - 1), axis)
+
+
+def group_d(ops: Any, d: Any, group: int, m: int) -> Any:
+    """Rows [group·m, (group+1)·m) of the pass's (G·m, N) per-sample derivatives."""
+    return ops.slice(d, 0, group * m, (group + 1) * m, 1)
+
+
+def site_gradient(ops: Any, d: Any, eps: Any, m: int) -> Any:
+    """G = Σ_j d_nj·ε_nj / (m·N): the estimate of ∇ of the batch-mean loss at the site, (N, ...).
+    ``d`` is (m, N), ``eps`` (m, N, ...) (the artifact contract's layout)."""
+    rank = len(ops.shape(eps))
+    dd = ops.reshape(d, [m, -1, *([1] * (rank - 2))])
+    total = ops.sum(ops.mul(dd, eps), [0], keepdims=False)
+    return ops.div(total, ops.mul(ops.batch_count(total, 1), ops.const(float(m))))
+
+
+def weight_estimate(ops: Any, d: Any, u: Any, m: int) -> Any:
+    """ĝ = Σ_j d̄_j·u_j / m with d̄_j = mean_n d_nj: weight perturbation inside the same pass."""
+    shape = list(ops.shape(u)[1:])
+    dbar = ops.reshape(ops.mean(d, [1], keepdims=False), [1, m])
+    flat = ops.matmul(dbar, ops.reshape(u, [m, -1]))
+    return ops.reshape(ops.div(flat, ops.const(float(m))), shape)
+
+
+def site_estimates(ops: Any, site: Site, nodes: Mapping[str, Node], g: Any, values: Mapping[str, Any],
+                   params: Mapping[str, Any], stats: Mapping[str, Any], ctx: RuleContext) -> dict[str, Any]:
+    """Weight estimates (by qualified name) of the layers a site covers, from its G."""
+    out: dict[str, Any] = {}
+    first = nodes[site.layers[0]]
+    if first.op == "linear":
+        x = values[first.inputs[0]]
+        f_in, f_out = ops.shape(x)[-1], ops.shape(g)[-1]
+        rows_g, rows_x = ops.reshape(g, [-1, f_out]), ops.reshape(x, [-1, f_in])
+        out[first.params["weight"]] = ops.matmul(ops.transpose(rows_g, [1, 0]), rows_x)
+        if "bias" in first.params:
+            out[first.params["bias"]] = ops.sum(rows_g, [0], keepdims=False)
+        return out
+    if len(site.layers) == 2:
+        bn = nodes[site.layers[1]]
+        g = _bn_transpose(ops, bn, values[first.name], g, params, stats, ctx, out)
+    x = values[first.inputs[0]]
+    if "pads" in first.attrs:
+        x = ops.pad(x, first.attrs["pads"], 0.0)
+    w = params[first.params["weight"]]
+    out[first.params["weight"]] = conv_correlation(ops, x, g, first.attrs, tuple(ops.shape(w)[2:]))
+    if "bias" in first.params:
+        out[first.params["bias"]] = _channel_sum(ops, g)
+    return out
+
+
+def _channel_sum(ops: Any, t: Any) -> Any:
+    return ops.reshape(ops.sum(ops.sum(t, [-2, -1]), [0]), [ops.shape(t)[1]])
+
+
+def _bn_transpose(ops: Any, bn: Node, z: Any, g: Any, params: Mapping[str, Any], stats: Mapping[str, Any],
+                  ctx: RuleContext, out: dict[str, Any]) -> Any:
+    """BatchNorm's estimates (γ, β) from G at its output, and G carried back to its input z.
+
+    With x̂ = (z − μ)·r: ĝ_γ = Σ G·x̂, ĝ_β = Σ G. Train mode (μ, r from the batch):
+    G_z = r·(G_x̂ − mean(G_x̂) − x̂·mean(G_x̂·x̂)) with G_x̂ = γ·G; frozen: G_z = γ·r·G.
+    """
+    p = {role: params[q] for role, q in bn.params.items()}
+    s = {role: stats[q] for role, q in bn.buffers.items()}
+    _, _, base, a, r, mu = bn_primal(ops, bn, z, p, s, ctx)
+    xhat = ops.mul(base, r) if ctx.bn_train else ops.mul(ops.sub(base, mu), r)
+    if "weight" in bn.params:
+        out[bn.params["weight"]] = _channel_sum(ops, ops.mul(g, xhat))
+    if "bias" in bn.params:
+        out[bn.params["bias"]] = _channel_sum(ops, g)
+    if not ctx.bn_train:
+        return ops.mul(g, a)
+    c = ops.shape(z)[1]
+    gamma = ops.reshape(p["weight"], [1, c, 1, 1]) if "weight" in p else None
+    gx = g if gamma is None else ops.mul(g, gamma)
+    centred = ops.sub(gx, channel_mean(ops, gx))
+    return ops.mul(ops.sub(centred, ops.mul(xhat, channel_mean(ops, ops.mul(gx, xhat)))), r)

@@ -1,0 +1,222 @@
+"""The local-activity method: its estimator, graphs, runtime and oracle.
+
+- the estimator is consistent: over 2000 tangents each block's mean estimate points along, and has
+  the scale of, autograd's gradient of the same local loss (computed through the model's own layers);
+- the runtime (ONNX Runtime and torch backends) trains step for step like the independent oracle
+  (exporter/reference_activity.py: torch.func.jvp and per-layer autograd);
+- validate and the TensorRT op check cover the new graph role; the plan follows its rule.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+
+from asyncfgd.app.training.data import load_digits, one_hot
+from asyncfgd.exporter.export import export_model
+from asyncfgd.exporter.models import build_model, model_spec
+from asyncfgd.exporter.reference_activity import head_forward, run_local_activity_reference
+from asyncfgd.exporter.split import split_program
+from asyncfgd.exporter.trace import trace, trace_model
+from asyncfgd.exporter.tracing.replay import run_segment
+from asyncfgd.exporter.trt_check import check_trt_compat
+from asyncfgd.exporter.validate import validate_artifacts
+from asyncfgd.runtime import contract as c
+from asyncfgd.runtime.artifacts import load_artifacts
+from asyncfgd.runtime.dual.activity import PlanError, groups, plan
+from asyncfgd.runtime.dual.interpreter import GraphSpec, run_module
+from asyncfgd.runtime.dual.program import module_specs, weight_names
+from asyncfgd.runtime.dual.torch_ops import TorchOps
+from asyncfgd.runtime.engine import load_runners, make_scheduler
+from asyncfgd.runtime.perturb import fill_signs, fill_tangents
+from asyncfgd.runtime.scheduler import Perturbation
+
+SHAPE = (1, 8, 8)
+
+
+def _export(out: Path, tangents: int, perturb: dict[str, str] | None = None) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model("cnn", 10, SHAPE, channels=(4, 8))
+    export_model(model, out, SHAPE, 10, modules=2, activity=True, tangents=tangents, perturb=perturb,
+                 model_spec=model_spec(model))
+    return model
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    """Both kinds of perturbation: the first conv (and its BatchNorm) by weights, the rest by activity."""
+    out = tmp_path_factory.mktemp("act") / "mixed"
+    return out, _export(out, 2, {"features.0.0": "weight"})
+
+
+def _modules(k: int) -> list:
+    torch.manual_seed(0)
+    return split_program(trace(build_model("cnn", 10, (1, 28, 28)), (1, 28, 28)), modules=k)
+
+
+def test_plan_follows_the_variance_rule_and_overrides():
+    """The 28x28 cnn: conv 1 has 16·28·28 activations per sample / 64 = 196 > its 144 + 32 weights (with its
+    BatchNorm): weights; conv 2 (32·14·14 / 64 = 98 < 4672) and the 10-logit linear layers: activity."""
+    first, second = _modules(2)
+    assert plan(first.nodes, [], 64, True).weight_perturbed == ["features.0.0.weight", "features.0.1.weight",
+                                                                "features.0.1.bias"]
+    p2 = plan(second.nodes, [], 64, True)
+    assert [(s.node, s.layers) for s in p2.sites] == [("features.1.1", ["features.1.0", "features.1.1"]),
+                                                      ("head", ["head"])] and not p2.weight_perturbed
+    assert groups(p2) == ["features.1.1", "head"]
+    forced = plan(first.nodes, [], 64, True, {"features.0.0": "activity"})
+    assert [s.node for s in forced.sites] == ["features.0.1"] and not forced.weight_perturbed
+    assert plan(first.nodes, [], 4096, True).weight_perturbed == []  # a larger batch averages more noise away
+    (whole,) = _modules(1)
+    coupled = plan(whole.nodes, [], 64, True)  # conv 1's samples meet again in BatchNorm 2: no site
+    assert "features.0.0.weight" in coupled.weight_perturbed
+    with pytest.raises(PlanError, match="couples the samples"):
+        plan(whole.nodes, [], 64, True, {"features.0.0": "activity"})
+    assert [s.node for s in plan(whole.nodes, [], 64, False, {"features.0.0": "activity"}).sites][0] == "features.0.1"
+    with pytest.raises(PlanError, match="must be one of"):
+        plan(first.nodes, [], 64, True, {"features.0.0": "both"})
+
+
+def test_export_rejects_unknown_layers(tmp_path: Path):
+    torch.manual_seed(0)
+    with pytest.raises(PlanError, match="does not have: conv9.*features.0.0"):
+        export_model(build_model("cnn", 10, SHAPE, channels=(4, 8)), tmp_path, SHAPE, 10, modules=2,
+                     activity=True, perturb={"conv9": "weight"})
+
+
+def test_noise_is_seeded_signs_apart_from_the_tangents():
+    a = [np.empty((3, 5, 7), np.float32), np.empty((3, 5, 2), np.float32)]
+    b = [np.empty_like(t) for t in a]
+    fill_signs(a, 7, 11, 1)
+    fill_signs(b, 7, 11, 1)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert set(np.unique(np.concatenate([t.ravel() for t in a]))) == {-1.0, 1.0}
+    fill_signs(b, 7, 11, 0)
+    assert not np.array_equal(a[0], b[0])
+    big = [np.empty(1 << 16, np.float32)]
+    fill_signs(big, 0, 0, 0)
+    assert abs(float(big[0].mean())) < 4 / np.sqrt(big[0].size)
+    u = [np.empty(1 << 16, np.float32)]
+    fill_tangents(u, 0, 0, 0, "rademacher")
+    assert abs(float(np.mean(u[0] * big[0]))) < 4 / np.sqrt(big[0].size)  # not the tangents' stream
+
+
+def test_estimator_is_consistent_with_autograd(tmp_path: Path, one_torch_thread: None):
+    """Issue 16's check: 2000 tangents on a fixed model and batch (64 real digits); per block, the mean
+    estimate's cosine with autograd's gradient of the block's local loss is >= 0.95 and its least-squares
+    slope against it within 1 ± 0.1 (a lost 1/N or 1/m would give a slope of 64 or 1/250)."""
+    chunk, chunks = 250, 8
+    model = _export(tmp_path / "a", chunk)
+    arts = load_artifacts(tmp_path / "a")
+    model = model.double()
+    trace_model(model, SHAPE)
+    ops = TorchOps(dtype=torch.float64)
+    ds = load_digits()
+    x = torch.tensor(ds.train.images[:64], dtype=torch.float64)
+    labels = torch.tensor(ds.train.labels[:64])
+    onehot = F.one_hot(labels, 10).double()
+    params = {k: torch.tensor(v, dtype=torch.float64) for k, v in arts.weights.items()}
+    for mod in module_specs(arts.manifest):
+        act = mod.activity
+        assert act is not None and act.sites and not act.weight_perturbed  # the rule's choice on this model
+        names = weight_names(mod.nodes + mod.aux)
+        mean = {q: torch.zeros_like(params[q]) for q in names}
+        for step in range(chunks):
+            eps = [np.empty((chunk, len(x), *s.shape), np.float32) for s in act.sites]
+            fill_signs(eps, 0, step, mod.index)
+            noise = {s.node: torch.tensor(e, dtype=torch.float64) for s, e in zip(act.sites, eps, strict=True)}
+            with torch.no_grad():
+                out = run_module(ops, mod, GraphSpec(c.ACTIVITY, chunk, "train"), mod.index == 1, x, None, params,
+                                 {}, {q: v.clone() for q, v in params.items()}, onehot, None, noise)
+            for q in names:
+                mean[q] += out[c.grad_output(q)] / chunks
+        w = {q: params[q].clone().requires_grad_() for q in names}
+        y = run_segment(model, mod, x, {q: w[q] for q in weight_names(mod.nodes)}, None)
+        logits = head_forward(mod.aux, y, w, {}) if mod.aux else y
+        grads = torch.autograd.grad(F.cross_entropy(logits, labels), [w[q] for q in names])
+        est = torch.cat([mean[q].flatten() for q in names])
+        true = torch.cat([g.flatten() for g in grads])
+        cosine = float(est @ true / (est.norm() * true.norm()))
+        slope = float(est @ true / (true @ true))
+        assert cosine >= 0.95 and abs(slope - 1) <= 0.1, (mod.index, cosine, slope)
+        x = out[c.Y] if c.Y in out else x
+
+
+def test_runtime_matches_the_oracle_step_for_step(mixed: tuple[Path, torch.nn.Module], one_torch_thread: None):
+    art, model = mixed
+    arts = load_artifacts(art)
+    rng = np.random.default_rng(1)
+    batches = [(rng.standard_normal((16, *SHAPE)).astype(np.float32), rng.integers(0, 10, 16)) for _ in range(3)]
+    heads = {k: v for k, v in arts.weights.items() if k.startswith("aux")}
+    ref = run_local_activity_reference(model, module_specs(arts.manifest), batches, heads, seed=3,
+                                       lr=lambda s: 0.05, optimizer="sgd", tangents=2)
+    moved = max(float(np.abs(ref.params[q].numpy() - arts.weights[q]).max()) for q in ref.params)
+    assert moved > 0.01
+    for backend in ("torch", "onnxruntime"):
+        runners = load_runners(arts, backend, 1)
+        sched = make_scheduler(runners, "local-activity", "sgd", lambda s: 0.05, lambda k, s: 1.0, Perturbation(3))
+        outcomes = [o for x, y in batches for o in sched.feed(x, one_hot(y, 10))] + sched.drain()
+        sched.close()
+        assert [o.step for o in outcomes] == [0, 1, 2]
+        for o in outcomes:
+            assert o.loss == pytest.approx(ref.loss[o.step], rel=1e-5)
+            np.testing.assert_allclose(o.loss_dot, ref.loss_dot[o.step], rtol=1e-4, atol=1e-6)
+        for r in runners:
+            for q, p in r.params.items():
+                np.testing.assert_allclose(r.to_host(p), ref.params[q].numpy(), rtol=0, atol=1e-6, err_msg=q)
+            for q, s in r.buffers.items():
+                np.testing.assert_allclose(r.to_host(s), ref.stats[q].numpy(), rtol=0, atol=1e-6, err_msg=q)
+
+
+def test_validate_and_the_tensorrt_check_cover_the_role(mixed: tuple[Path, torch.nn.Module]):
+    art, _ = mixed
+    report = validate_artifacts(art, batch_sizes=(1, 16))
+    rows = [r for r in report.rows if r.role == c.ACTIVITY]
+    assert len(rows) == 4 and all(r.status.startswith("pass") for r in rows), report.table()
+    arts = load_artifacts(art)
+    for info in arts.modules:
+        graph = onnx.load_from_string(arts.graph_bytes(info.index, c.ACTIVITY))
+        assert check_trt_compat(graph) == [], info.index
+        outputs = info.graphs[c.ACTIVITY]["outputs"]
+        assert {c.grad_output(q) for q in info.param_names} <= set(outputs) and c.SAMPLE_DOT in outputs
+
+
+def _cli(args: list[str], cache: Path):
+    from typer.testing import CliRunner
+
+    from asyncfgd.app.cli import app
+
+    return CliRunner().invoke(app, args, env={"TQDM_DISABLE": "1", "ASYNCFGD_CACHE": str(cache)})
+
+
+def test_train_cli_uses_the_methods_defaults_and_explains_mistakes(tmp_path: Path):
+    run = tmp_path / "run"
+    result = _cli(["train", "--method", "local-activity", "--model", "cnn", "--config", "channels=4,8",
+                   "--epochs", "1", "--perturb", "features.0.0=weight", "--run-dir", str(run)], tmp_path / "cache")
+    assert result.exit_code == 0, result.output
+    config = json.loads((run / "config.json").read_text())
+    assert (config["tangents"], config["lr"], config["perturb"]) == (4, 3e-3, {"features.0.0": "weight"})
+    manifest = json.loads((Path(config["artifacts_dir"]) / "manifest.json").read_text())
+    assert manifest["modules"][0]["activity"]["weight_perturbed"][0] == "features.0.0.weight"
+    explicit = _cli(["train", "--method", "local-activity", "--tangents", "2", "--lr", "0.01", "--model", "cnn",
+                     "--config", "channels=4,8", "--epochs", "0", "--run-dir", str(tmp_path / "r2")],
+                    tmp_path / "cache")
+    assert explicit.exit_code == 0, explicit.output
+    config = json.loads((tmp_path / "r2" / "config.json").read_text())
+    assert (config["tangents"], config["lr"]) == (2, 0.01)
+    wrong = _cli(["train", "--perturb", "features.0.0=weight", "--run-dir", str(tmp_path / "r3")], tmp_path / "cache")
+    assert wrong.exit_code == 2 and "add --method local-activity" in wrong.output
+    bad = _cli(["train", "--method", "local-activity", "--model", "cnn", "--perturb", "conv9=weight",
+                "--run-dir", str(tmp_path / "r4")], tmp_path / "cache")
+    assert bad.exit_code == 2 and "does not have: conv9" in bad.output and "Traceback" not in bad.output
+    plain = tmp_path / "plain"
+    torch.manual_seed(0)
+    export_model(build_model("cnn", 10, SHAPE, channels=(4, 8)), plain, SHAPE, 10, modules=2)
+    missing = _cli(["train", "--method", "local-activity", "--artifacts", str(plain), "--run-dir",
+                    str(tmp_path / "r5")], tmp_path / "cache")
+    assert missing.exit_code == 2 and "export --activity" in missing.output
