@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from asyncfgd.app.cli import app
 from asyncfgd.app.report.render import BEGIN, END, acc_within, acceptance, fmt, table, write_doc
-from asyncfgd.app.report.run import PRETRAINED, Result, Setting
+from asyncfgd.app.report.run import PRETRAINED, Result, Setting, settings, skip_rows
 
 
 def _hist(*points: tuple[float, float]) -> list[dict[str, float]]:
@@ -69,6 +69,8 @@ def test_report_smoke_run_writes_the_document_and_reuses_finished_runs(tmp_path:
     text = (tmp_path / "c.md").read_text()
     for label in ("backprop", "sync FGD", "AsyncFGD", "AsyncFGD, local losses (experimental)"):
         assert f"| digits from scratch (mlp) | all layers, train defaults | {label} | 0.01 | 1 |" in text
+    # the method's own defaults without a sweep: lr 3e-3 (and 4 tangents)
+    assert "| digits from scratch (mlp) | all layers, train defaults | local-activity | 0.003 | 1 |" in text
     assert "CIFAR-10" not in text  # --only leaves the other settings out
     png = tmp_path / "img" / "convergence-digits.png"
     assert "](img/convergence-digits.png)" in text and 0 < png.stat().st_size < 200_000
@@ -80,3 +82,32 @@ def test_unknown_setting_is_a_clear_error(tmp_path: Path):
     result = CliRunner().invoke(app, ["report", "--only", "imagenet", "--work", str(tmp_path / "w")])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "unknown setting(s) imagenet" in " ".join(result.output.split())
+
+
+def _scratch(target: tuple[str, float], ours: list[tuple[float, float]], bp: list[tuple[float, float]]) -> Result:
+    """local-activity and backprop, 2 epochs each: (wall_s, test_acc) per epoch."""
+    st = Setting("mnist", "defaults", "m", ("bp", "local-activity"), {}, target=target)
+    res = Result(st, {"bp": 1e-2, "local-activity": 3e-3})
+    res.histories = {"bp": [_hist(*bp)] * 2, "local-activity": [_hist(*ours)] * 2}
+    return res
+
+
+def test_local_activity_acceptance_weighs_accuracy_and_time_per_epoch():
+    [line] = acceptance([_scratch(("activity", 0.95), [(3.0, 0.9), (6.0, 0.96)], [(1.0, 0.9), (2.0, 0.97)])])
+    assert "reaches 96.0 ± 0.0%" in line and "3.00 ± 0.00×" in line and line.endswith("**met**.")
+    [slow] = acceptance([_scratch(("activity", 0.95), [(3.0, 0.9), (6.2, 0.96)], [(1.0, 0.9), (2.0, 0.97)])])
+    assert slow.endswith("**not met**.")
+    [gap] = acceptance([_scratch(("activity-gap", 0.10), [(3.0, 0.6), (6.0, 0.65)], [(1.0, 0.7), (2.0, 0.8)])])
+    assert "ends 15.0 ± 0.0 points behind backprop" in gap and gap.endswith("**not met**.")
+
+
+def test_skipped_rows_are_marked_and_unknown_ones_refused():
+    chosen, _ = settings()
+    kept = skip_rows(chosen, ["shapes32:asyncfgd"])
+    shapes = next(st for st in kept if st.slug == "shapes32")
+    assert shapes.methods == ("bp", "fgd", "local-activity") and shapes.not_run == ("asyncfgd",)
+    res = Result(shapes, {m: 1e-2 for m in shapes.methods})
+    assert table([res], []).splitlines()[-1].endswith("| AsyncFGD | – | – | not run in this report (`--skip`) "
+                                                      "| – | – | – |")
+    with pytest.raises(ValueError, match="SETTING:METHOD"):
+        skip_rows(chosen, ["shapes32:sgd"])

@@ -9,7 +9,7 @@ import typer
 
 from asyncfgd.app.commands.train import USER_ERRORS, fail
 from asyncfgd.app.report.render import acceptance, block, machine, plot, table, write_doc
-from asyncfgd.app.report.run import SEEDS, measured, run_report, settings
+from asyncfgd.app.report.run import SEEDS, measured, run_report, settings, skip_rows
 from asyncfgd.app.training.config import Interrupted
 
 
@@ -38,6 +38,9 @@ def report_cmd(
     only: str | None = typer.Option(None, help="Run only these settings (comma-separated: digits, transfer-head, "
                                     "transfer-all, mnist-5k, shapes32, cifar10, svhn); the document then holds only "
                                     "them."),
+    skip: list[str] = typer.Option([], "--skip", metavar="SETTING:METHOD", help="Leave this row out of the run "
+                                   "(repeatable), e.g. shapes32:asyncfgd when its hours of CPU are not available; "
+                                   "the table marks it as not run."),
     epochs: int | None = typer.Option(None, min=1, help="Override every setting's epochs (a quick smoke run; the "
                                       "document's numbers use the settings' own)."),
 ) -> None:
@@ -54,6 +57,10 @@ def report_cmd(
                        f"{', '.join(st.slug for st in chosen)} (cifar10/svhn need their --cifar10/--svhn PATH).")
         chosen = [st for st in chosen if st.slug in wanted]
         skipped = [(name, flag) for name, flag in skipped if flag in wanted]
+    try:
+        chosen = skip_rows(chosen, skip)
+    except ValueError as exc:
+        fail(str(exc))
     if epochs is not None:
         chosen = [replace(st, options={**st.options, "epochs": epochs}) for st in chosen]
     try:

@@ -54,6 +54,7 @@ class Setting:
     #: ends within g of backprop
     target: tuple[str, float] | None = None
     tune_lr: bool = True  # False: every method at its train default (method_defaults), even when tuning
+    not_run: tuple[str, ...] = ()  # methods left out of this report run (`report --skip`): shown as not run
 
 
 @dataclass
@@ -88,6 +89,20 @@ def settings(cifar10: str | None = None, svhn: str | None = None) -> tuple[list[
                            {"model": "cnn", "config": {"channels": [32, 64, 128]}, "data": f"{flag}:{spec}",
                             "epochs": 10, "tangents": 8}))
     return out, skipped
+
+
+def skip_rows(chosen: list[Setting], skip: list[str]) -> list[Setting]:
+    """The settings without the ``SLUG:METHOD`` rows in ``skip`` (each named row must exist)."""
+    pairs = set()
+    for item in skip:
+        slug, _, method = item.partition(":")
+        st = next((st for st in chosen if st.slug == slug), None)
+        if st is None or method not in st.methods:
+            raise ValueError(f"--skip {item!r}: expected SETTING:METHOD with a chosen setting "
+                             f"({', '.join(st.slug for st in chosen)}) and one of its methods")
+        pairs.add((slug, method))
+    return [replace(st, methods=tuple(m for m in st.methods if (st.slug, m) not in pairs),
+                    not_run=tuple(m for m in st.methods if (st.slug, m) in pairs)) for st in chosen]
 
 
 def _complete(cfg: TrainConfig) -> bool:

@@ -5,7 +5,6 @@ contract, runtime/contract.py); ``run_program`` interprets the layer nodes under
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -112,20 +111,18 @@ def run_activity(ops: Ops, mod: ModuleSpec, spec: GraphSpec, is_last: bool, x: A
     m, groups = spec.m, activity.groups(plan)
     ctx = replace(spec.context(), m=m * len(groups))
     slot = {g: i for i, g in enumerate(groups)}
-    inject = {s.node: swap_major(ops, noise[s.node], m, to_samples=True) for s in plan.sites}
+    # each site's ε (m, N, ...) -> (N, m, ...) -> its slots of the (N, G·m, ...) tangent, zeros elsewhere
+    inject = {s.node: activity.in_slots(ops, swap_major(ops, noise[s.node], m, to_samples=True), slot[s.node],
+                                        len(groups), axis=1) for s in plan.sites}
     u = {q: activity.in_slots(ops, tangents[q], slot[activity.WEIGHTS], len(groups)) for q in plan.weight_perturbed}
     wanted = {n for s in plan.sites for layer in s.layers for n in (layer, *_node(mod, layer).inputs)}
     values: dict[str, Any] = {}
-
-    def place(node: str, y: Any, eps: Any) -> Any:  # a site's ε (N, m, ...) into its slots of (N, G·m, ...)
-        return activity.in_slots(ops, eps, slot[node], len(groups), axis=1)
-
     y, yd, new_stats = run_program(ops, mod.nodes, mod.input, x, None, params, u, stats, ctx,
-                                   masks, inject, values, wanted, place)
+                                   masks, inject, values, wanted)
     out: dict[str, Any] = {}
     if mod.aux:
         out[c.Y] = y
-        z, zd, _ = run_program(ops, mod.aux, mod.output, y, yd, params, u, {}, ctx, None, inject, values, wanted, place)
+        z, zd, _ = run_program(ops, mod.aux, mod.output, y, yd, params, u, {}, ctx, None, inject, values, wanted)
     else:
         assert is_last, "a non-last module needs a local head for the activity role"
         z, zd = y, yd
@@ -152,7 +149,7 @@ def run_program(ops: Ops, nodes: list[Node], input_name: str, x: Any, x_dot: Any
                 tangents: dict[str, Any], stats: dict[str, Any], ctx: RuleContext,
                 masks: dict[str, Any] | None = None, inject: dict[str, Any] | None = None,
                 values: dict[str, Any] | None = None, wanted: set[str] | None = None,
-                place: Callable[[str, Any, Any], Any] | None = None) -> tuple[Any, Any, dict[str, Any]]:
+                ) -> tuple[Any, Any, dict[str, Any]]:
     """Interpret ``nodes`` on (x, ẋ): returns (y, ẏ, updated BN statistics by qualified name).
 
     ``x_dot`` and ẏ are (m, N, ...), the artifact contract's layout; the rules work on (N, m, ...)
@@ -184,8 +181,7 @@ def run_program(ops: Ops, nodes: list[Node], input_name: str, x: Any, x_dot: Any
         else:
             y, yd, upd = RULES[node.op](ops, node, xs, xds, p, u, s, ctx)
         if inject and node.name in inject:
-            extra = inject[node.name]
-            yd = add_opt(ops, yd, place(node.name, y, extra) if place else extra)
+            yd = add_opt(ops, yd, inject[node.name])
         env[node.name] = (y, yd)
         new_stats.update({node.buffers[role]: v for role, v in upd.items()})
     if values is not None and wanted:
