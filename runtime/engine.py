@@ -6,7 +6,7 @@ from typing import Any
 from .artifacts import Artifacts
 from .backend import Backend, ModuleRunner
 from .optim import make_optimizer
-from .scheduler import AlphaFn, AsyncFGD, LocalActivity, LocalFGD, LrFn, Perturbation, SyncFGD
+from .scheduler import AlphaFn, AsyncFGD, LocalActivity, LocalFGD, LrFn, Perturbation, Reducer, SyncFGD
 
 LOCAL_METHOD = "local"  # experimental: needs artifacts exported with local heads
 ACTIVITY_METHOD = "local-activity"  # local losses, activity perturbation: artifacts exported with activity=True
@@ -36,10 +36,24 @@ def load_runners(artifacts: Artifacts, backend: str = "onnxruntime", threads: in
     return [b.load_module(artifacts, i, artifacts.tangents, threads) for i in range(len(artifacts.modules))]
 
 
+#: methods whose update is m scalars times seeded tangents: data-parallel ranks exchange only the scalars
+SCALAR_METHODS = ("fgd", "asyncfgd")
+
+
 def make_scheduler(runners: list[ModuleRunner], method: str, optimizer: str, lr: LrFn, alpha: AlphaFn,
-                   perturbation: Perturbation, optimizer_kw: dict[str, Any] | None = None) -> SyncFGD | AsyncFGD:
+                   perturbation: Perturbation, optimizer_kw: dict[str, Any] | None = None,
+                   reduce: Reducer | None = None) -> SyncFGD | AsyncFGD:
+    """``reduce`` combines each step's (count, loss, d) over data-parallel ranks (distributed.py)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if reduce is not None and method not in SCALAR_METHODS:
+        raise ValueError(f"data-parallel training exchanges the m directional derivatives of "
+                         f"{' and '.join(SCALAR_METHODS)}; {method}'s update is a gradient estimate of every "
+                         "weight, which this mode does not all_reduce: use one process, or --method fgd/asyncfgd")
     opts = [make_optimizer(optimizer, r.params, r.xp, lr=lr(0), **(optimizer_kw or {})) for r in runners]
-    cls = {"fgd": SyncFGD, "asyncfgd": AsyncFGD, LOCAL_METHOD: LocalFGD, ACTIVITY_METHOD: LocalActivity}[method]
+    if method == "fgd":
+        return SyncFGD(runners, opts, alpha, lr, perturbation, reduce)
+    if method == "asyncfgd":
+        return AsyncFGD(runners, opts, alpha, lr, perturbation, reduce=reduce)
+    cls = LocalFGD if method == LOCAL_METHOD else LocalActivity
     return cls(runners, opts, alpha, lr, perturbation)

@@ -63,14 +63,18 @@ class Perturbation:
 
 AlphaFn = Callable[[int, int], float]  # (module, step) -> α
 LrFn = Callable[[int], float]  # step -> learning rate
+#: data-parallel FGD's combination of one step's (local sample count, mean loss, mean d) over all ranks
+#: into the global (mean loss, mean d) (runtime/distributed.py); None: one process
+Reducer = Callable[[int, float, np.ndarray], tuple[float, np.ndarray]]
 
 
 class _Base:
     """Tangent bookkeeping and the update shared by both schedulers."""
 
     def __init__(self, runners: Sequence[ModuleRunner], optimizers: Sequence[Any], alpha: AlphaFn, lr: LrFn,
-                 perturbation: Perturbation, delays: Sequence[int]) -> None:
+                 perturbation: Perturbation, delays: Sequence[int], reduce: Reducer | None = None) -> None:
         self.runners, self.optimizers = list(runners), list(optimizers)
+        self.reduce = reduce
         self.alpha, self.lr, self.pert = alpha, lr, perturbation
         self.K = len(self.runners)
         self.delays = list(delays)
@@ -137,10 +141,14 @@ class _Base:
                     g += u[j] * (float(d[j]) / m)
             self.optimizers[k].step(r.grads, self.lr(step))
 
-    @staticmethod
-    def _check(step: int, res: RunResult, to_host: Callable[[Any], np.ndarray]) -> tuple[float, np.ndarray | None]:
+    def _check(self, step: int, res: RunResult, to_host: Callable[[Any], np.ndarray],
+               count: int | None = None) -> tuple[float, np.ndarray | None]:
+        """(loss, d) of a run, combined over the ranks when data-parallel (``count``: this rank's samples),
+        and checked after combining, so that every rank sees the same NaN and stops at the same step."""
         loss = float(to_host(res.loss))
         d = None if res.loss_dot is None else to_host(res.loss_dot).reshape(-1)
+        if self.reduce is not None and count is not None and d is not None:
+            loss, d = self.reduce(count, loss, d)
         if not math.isfinite(loss) or (d is not None and not np.all(np.isfinite(d))):
             raise NonFiniteLoss(step, loss, d)
         return loss, d
@@ -153,8 +161,8 @@ class SyncFGD(_Base):
     """Every mini-batch through all modules with current weights, then every module updates."""
 
     def __init__(self, runners: Sequence[ModuleRunner], optimizers: Sequence[Any], alpha: AlphaFn, lr: LrFn,
-                 perturbation: Perturbation) -> None:
-        super().__init__(runners, optimizers, alpha, lr, perturbation, [0] * len(runners))
+                 perturbation: Perturbation, reduce: Reducer | None = None) -> None:
+        super().__init__(runners, optimizers, alpha, lr, perturbation, [0] * len(runners), reduce)
         self.next_step = 0
 
     def feed(self, x: np.ndarray, labels: np.ndarray) -> list[StepOutcome]:
@@ -167,7 +175,7 @@ class SyncFGD(_Base):
             res = r.run(role, h, hd, labels if r.is_last else None, ready=ready, masks=self._masks(k, s, len(x)))
             h, hd, ready = res.y, res.y_dot, res.ready
         last = self.runners[-1]
-        loss, d = self._check(s, res, last.to_host)
+        loss, d = self._check(s, res, last.to_host, len(labels))
         if d is not None:
             for k in range(self.K):
                 self._update(k, s, d)
@@ -208,9 +216,9 @@ class AsyncFGD(_Base):
     """
 
     def __init__(self, runners: Sequence[ModuleRunner], optimizers: Sequence[Any], alpha: AlphaFn, lr: LrFn,
-                 perturbation: Perturbation, workers: int | None = None) -> None:
+                 perturbation: Perturbation, workers: int | None = None, reduce: Reducer | None = None) -> None:
         K = len(runners)
-        super().__init__(runners, optimizers, alpha, lr, perturbation, [K - 1 - k for k in range(K)])
+        super().__init__(runners, optimizers, alpha, lr, perturbation, [K - 1 - k for k in range(K)], reduce)
         self.next_step = 0
         self.handoff: list[_Handoff | None] = [None] * K  # handoff[k]: input waiting for module k
         self.pending: tuple[int, np.ndarray] | None = None  # (step, d) not yet applied
@@ -262,7 +270,7 @@ class AsyncFGD(_Base):
     def _finish(self, job: _Handoff, res: RunResult) -> StepOutcome:
         """The last module's result: its d becomes every module's pending update."""
         last = self.runners[-1]
-        loss, d = self._check(job.step, res, last.to_host)
+        loss, d = self._check(job.step, res, last.to_host, len(job.labels))
         if d is not None:
             self.pending = (job.step, d)
         return StepOutcome(job.step, loss, d, last.to_host(res.logits), job.labels)
