@@ -220,3 +220,18 @@ def test_train_cli_uses_the_methods_defaults_and_explains_mistakes(tmp_path: Pat
     missing = _cli(["train", "--method", "local-activity", "--artifacts", str(plain), "--run-dir",
                     str(tmp_path / "r5")], tmp_path / "cache")
     assert missing.exit_code == 2 and "export --activity" in missing.output
+
+
+def test_export_cli_writes_the_role_and_validate_checks_it(tmp_path: Path):
+    out = tmp_path / "art"
+    args = ["export", "--model", "cnn", "--config", "channels=4,8", "--num-classes", "10", "--input-shape", "1,8,8",
+            "--modules", "2", "--tangents", "2", "--out", str(out)]
+    lonely = _cli([*args, "--perturb", "features.0.0=weight"], tmp_path / "cache")
+    assert lonely.exit_code == 2 and "add --activity" in lonely.output
+    result = _cli([*args, "--activity", "--perturb", "features.0.0=weight"], tmp_path / "cache")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [c.ACTIVITY in m["graphs"] for m in manifest["modules"]] == [True, True]
+    assert manifest["modules"][0]["activity"]["weight_perturbed"][0] == "features.0.0.weight"
+    checked = _cli(["validate", str(out), "--batch-sizes", "16"], tmp_path / "cache")
+    assert checked.exit_code == 0 and checked.output.count(" activity ") == 2, checked.output
