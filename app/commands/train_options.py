@@ -88,7 +88,8 @@ OptimizerOpt = Annotated[Literal[OPTIMIZERS], typer.Option(
     help="adam copes best with the noisy forward gradient; sgd/momentum need a smaller --lr "
     "(e.g. 1e-3).")]
 LrOpt = Annotated[str, typer.Option(
-    callback=_lr, help="Base learning rate (lower it 10x if the loss becomes NaN), or 'auto': "
+    callback=_lr, help="Base learning rate (default 1e-2; 3e-3 with --method local-activity; lower it 10x if the "
+    "loss becomes NaN), or 'auto': "
     "first a short sweep (`asyncfgd-app sweep`: 1e-5..1e-2, up to 10 epochs each, on a validation split of the "
     "train set) picks it; config.json records the choice and the sweep's directory.")]
 LrScheduleOpt = Annotated[Literal[LR_KINDS], typer.Option(
