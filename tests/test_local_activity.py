@@ -39,11 +39,12 @@ from asyncfgd.runtime.scheduler import Perturbation
 SHAPE = (1, 8, 8)
 
 
-def _export(out: Path, tangents: int, perturb: dict[str, str] | None = None) -> torch.nn.Module:
+def _export(out: Path, tangents: int, perturb: dict[str, str] | None = None, bn_mode: str = "train",
+            modules: int = 2) -> torch.nn.Module:
     torch.manual_seed(0)
     model = build_model("cnn", 10, SHAPE, channels=(4, 8))
-    export_model(model, out, SHAPE, 10, modules=2, activity=True, tangents=tangents, perturb=perturb,
-                 model_spec=model_spec(model))
+    export_model(model, out, SHAPE, 10, modules=modules, activity=True, tangents=tangents, perturb=perturb,
+                 model_spec=model_spec(model), bn_mode=bn_mode)
     return model
 
 
@@ -147,14 +148,25 @@ def test_estimator_is_consistent_with_autograd(tmp_path: Path, one_torch_thread:
         x = out[c.Y] if c.Y in out else x
 
 
-def test_runtime_matches_the_oracle_step_for_step(mixed: tuple[Path, torch.nn.Module], one_torch_thread: None):
-    art, model = mixed
+@pytest.fixture(scope="module")
+def frozen(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    """Frozen BatchNorm in one module: conv 1 is a site although BatchNorm 2 follows it in its module."""
+    out = tmp_path_factory.mktemp("act") / "frozen"
+    return out, _export(out, 2, bn_mode="frozen", modules=1)
+
+
+@pytest.mark.parametrize("artifacts", ["mixed", "frozen"])
+def test_runtime_matches_the_oracle_step_for_step(artifacts: str, request: pytest.FixtureRequest,
+                                                  one_torch_thread: None):
+    art, model = request.getfixturevalue(artifacts)
     arts = load_artifacts(art)
+    if artifacts == "frozen":
+        assert [s.node for s in arts.modules[0].activity.sites] == ["features.0.1", "features.1.1", "head"]
     rng = np.random.default_rng(1)
     batches = [(rng.standard_normal((16, *SHAPE)).astype(np.float32), rng.integers(0, 10, 16)) for _ in range(3)]
     heads = {k: v for k, v in arts.weights.items() if k.startswith("aux")}
     ref = run_local_activity_reference(model, module_specs(arts.manifest), batches, heads, seed=3,
-                                       lr=lambda s: 0.05, optimizer="sgd", tangents=2)
+                                       lr=lambda s: 0.05, optimizer="sgd", tangents=2, bn_mode=arts.bn_mode)
     moved = max(float(np.abs(ref.params[q].numpy() - arts.weights[q]).max()) for q in ref.params)
     assert moved > 0.01
     for backend in ("torch", "onnxruntime"):
@@ -163,6 +175,7 @@ def test_runtime_matches_the_oracle_step_for_step(mixed: tuple[Path, torch.nn.Mo
         outcomes = [o for x, y in batches for o in sched.feed(x, one_hot(y, 10))] + sched.drain()
         sched.close()
         assert [o.step for o in outcomes] == [0, 1, 2]
+        assert len(outcomes[0].loss_dot) == 2 * len(groups(arts.modules[-1].activity))
         for o in outcomes:
             assert o.loss == pytest.approx(ref.loss[o.step], rel=1e-5)
             np.testing.assert_allclose(o.loss_dot, ref.loss_dot[o.step], rtol=1e-4, atol=1e-6)
