@@ -57,6 +57,36 @@ dist.destroy_process_group()
 """
 
 
+# one rank of the replica checks: rank 1 drifts by one ulp in one weight; statistics differ per rank
+CHECKS = """
+import sys, datetime
+import numpy as np
+import torch.distributed as dist
+from asyncfgd.runtime.artifacts import load_artifacts
+from asyncfgd.runtime.distributed import Ranks, weights_digest
+from asyncfgd.runtime.engine import load_runners
+art, out, port, rank = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                        timeout=datetime.timedelta(seconds=60))
+runners = load_runners(load_artifacts(art), "onnxruntime", 1)
+ranks = Ranks()
+w = next(iter(runners[0].params.values()))
+if rank == 1:
+    flat = w.reshape(-1)
+    flat[0] = np.nextafter(flat[0], np.float32(np.inf))
+first = ranks.drifted(runners)
+second = ranks.drifted(runners)
+for r in runners:
+    for t in r.buffers.values():
+        t[...] = rank + 1.0
+ranks.average_stats(runners)
+stats = np.concatenate([r.to_host(t).ravel() for r in runners for t in r.buffers.values()])
+np.savez(out, first=np.array(first), second=np.array(second), digest=np.frombuffer(weights_digest(runners), np.uint8),
+         stats=stats)
+dist.destroy_process_group()
+"""
+
+
 @pytest.fixture(scope="module")
 def mlp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An MLP without BatchNorm: a shard's forward is exactly the rows of the whole batch's."""
@@ -77,9 +107,14 @@ def _ranks(art: Path, tmp: Path, method: str, world: int) -> list[dict[str, np.n
     port = _free_port()
     outs = [tmp / f"rank{r}.npz" for r in range(world)]
     args = [str(v) for v in (STEPS, BATCH, SEED, LR)]
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(art), str(outs[r]), method, str(port), str(r),
-                               str(world), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
+    return _launch([[WORKER, str(art), str(outs[r]), method, str(port), str(r), str(world), *args]
+                    for r in range(world)], outs)
+
+
+def _launch(commands: list[list[str]], outs: list[Path]) -> list[dict[str, np.ndarray]]:
+    """Run ``python -c`` per rank, bounded by TIMEOUT_S (every process killed on the way out)."""
+    procs = [subprocess.Popen([sys.executable, "-c", *cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for cmd in commands]
     deadline = time.monotonic() + TIMEOUT_S
     try:
         for p in procs:
@@ -146,3 +181,20 @@ def test_shards_cover_the_batch_and_local_methods_are_refused(mlp: Path):
     with pytest.raises(ValueError, match="does not all_reduce"):
         make_scheduler(runners, "local-activity", "sgd", lambda s: LR, lambda k, s: 1.0, Perturbation(0),
                        reduce=lambda n, loss, d: (loss, d))
+
+
+def test_drift_guard_restores_rank_0s_weights_and_statistics_are_averaged(tmp_path: Path):
+    """Rank 1's weights differ by one ulp: the digest check names it and copies rank 0's over, after which
+    the replicas agree; running statistics (1 on rank 0, 2 on rank 1) average to 1.5 on both."""
+    from asyncfgd.exporter.models import build_model
+
+    torch.manual_seed(0)
+    art = tmp_path / "cnn"
+    export_model(build_model("cnn", 10, (1, 8, 8), channels=[4]), art, (1, 8, 8), 10, modules=2, tangents=1)
+    port = _free_port()
+    outs = [tmp_path / f"check{r}.npz" for r in range(2)]
+    a, b = _launch([[CHECKS, str(art), str(outs[r]), str(port), str(r)] for r in range(2)], outs)
+    for res in (a, b):
+        assert res["first"].tolist() == [1] and res["second"].tolist() == []
+        assert res["stats"].size > 0 and np.all(res["stats"] == 1.5)
+    assert np.array_equal(a["digest"], b["digest"])
