@@ -16,9 +16,9 @@ from asyncfgd.runtime import contract
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"exporter": "asyncfgd.exporter", "runtime": "asyncfgd.runtime", "app": "asyncfgd.app"}
-#: runtime modules that may import torch: the torch backend and its op set (a torch.distributed path
-#: would be added here)
-RUNTIME_TORCH = {"asyncfgd.runtime.torch_backend", "asyncfgd.runtime.dual.torch_ops"}
+#: runtime modules that may import torch (each lazily, when used): the torch backend, its op set and the
+#: torch.distributed path of data-parallel training
+RUNTIME_TORCH = {"asyncfgd.runtime.torch_backend", "asyncfgd.runtime.dual.torch_ops", "asyncfgd.runtime.distributed"}
 #: files that define a vocabulary of their own whose words coincide with graph roles: training
 #: methods ("local") and bench methods ("forward")
 OTHER_VOCABULARIES = {"runtime/engine.py": {contract.LOCAL}, "app/bench/worker.py": {contract.FORWARD},

@@ -138,9 +138,11 @@ def machine(when: dict[str, Any]) -> str:
         except PackageNotFoundError:
             return "absent"
 
+    jobs = int(when.get("jobs", 1))
     return (f"Measured {when['date']} on {os.cpu_count()} CPU cores ({platform.machine()}, load average "
             f"{when['load_start']:.1f} before the timed runs, {when['load_end']:.1f} after them), Python "
-            f"{platform.python_version()}, ONNX Runtime {v('onnxruntime')}, torch {v('torch')}.")
+            f"{platform.python_version()}, ONNX Runtime {v('onnxruntime')}, torch {v('torch')}; "
+            f"{'one timed run' if jobs == 1 else f'{jobs} timed runs'} at a time.")
 
 
 def plot(res: Result, path: Path) -> None:
@@ -181,7 +183,7 @@ def block(results: list[Result], skipped: list[tuple[str, str]], seeds: tuple[in
     """The generated part of docs/convergence.md; ``images`` maps a setting's slug to its plot's relative path."""
     parts = [BEGIN, "", f"{machine_line} Seeds {', '.join(map(str, seeds))}; accuracies are on each dataset's "
              "test split, as mean ± sd over the seeds. Times are the training loop's wall-clock (metrics.csv "
-             "`wall_s`: training plus the per-epoch evaluation, without start-up or export), one run at a time; "
+             "`wall_s`: training plus the per-epoch evaluation, without start-up or export); "
              "the machine was shared with other jobs (the load averages count them and the report's own runs), so "
              "they are upper bounds.", "", table(results, skipped), ""]
     lines = acceptance(results)

@@ -175,7 +175,7 @@ def run_report(chosen: list[Setting], work: Path, seeds: tuple[int, ...] = SEEDS
         load_start = os.getloadavg()[0]
         finished = dict(zip((c.run_dir for c in todo), run_many(todo, jobs), strict=False))
         (work / MEASURED).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "load_start": load_start,
-                                                 "load_end": os.getloadavg()[0]}) + "\n")
+                                                 "load_end": os.getloadavg()[0], "jobs": jobs}) + "\n")
     for res, rows in plan:
         for row, cfgs in rows.items():
             done = [c for c in cfgs if finished.get(c.run_dir, True)]
