@@ -29,7 +29,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from .program import ActivityPlan, Node, Site
+from .program import ActivityPlan, Node, Site, readers
 from .rules.core import RuleContext
 from .rules.layers import bn_primal, channel_mean, conv_correlation
 
@@ -42,17 +42,9 @@ class PlanError(ValueError):
     """A requested perturbation the module cannot have (names the layer and why)."""
 
 
-def _readers(nodes: list[Node]) -> dict[str, list[Node]]:
-    out: dict[str, list[Node]] = {}
-    for n in nodes:
-        for i in n.inputs:
-            out.setdefault(i, []).append(n)
-    return out
-
-
 def candidate_sites(nodes: list[Node], bn_train: bool) -> list[Site]:
     """Every layer of ``nodes`` that can be activity-perturbed without bias, as a site."""
-    readers = _readers(nodes)
+    reads = readers(nodes)
     index = {n.name: i for i, n in enumerate(nodes)}
     later_bn = {n.name for n in nodes if bn_train and n.op == "batchnorm2d"}
     sites = []
@@ -62,9 +54,9 @@ def candidate_sites(nodes: list[Node], bn_train: bool) -> list[Site]:
         if n.op == "linear":
             site = Site(n.name, [n.name], list(n.shape))
         elif n.op == "conv2d" and n.attrs["groups"] == 1:
-            reads = readers.get(n.name, [])
-            if len(reads) == 1 and reads[0].op == "batchnorm2d" and "weight" in reads[0].params:
-                site = Site(reads[0].name, [n.name, reads[0].name], list(reads[0].shape))
+            users = reads.get(n.name, [])
+            if len(users) == 1 and users[0].op == "batchnorm2d" and "weight" in users[0].params:
+                site = Site(users[0].name, [n.name, users[0].name], list(users[0].shape))
             else:
                 site = Site(n.name, [n.name], list(n.shape))
         else:

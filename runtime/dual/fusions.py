@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .ops import window_out
-from .program import Node
+from .program import Node, readers
 from .rules.core import RuleContext, RuleOut, add_opt
 from .rules.layers import bn_primal, bn_tangent_coefficients, conv_correlation, conv_dual, im2col, param_tangent_product
 
@@ -157,13 +157,10 @@ def dense_conv_rule(ops, node: Node, x: Any, xd: Any, p: dict, u: dict, ctx: Rul
 
 def fold_pairs(nodes: list[Node]) -> dict[str, Node]:
     """Ungrouped conv name → the BatchNorm that is its only reader (a pair ``conv_bn_from_data`` can run)."""
-    readers: dict[str, int] = {}
-    for n in nodes:
-        for i in n.inputs:
-            readers[i] = readers.get(i, 0) + 1
+    reads = readers(nodes)
     convs = {n.name for n in nodes if n.op == "conv2d" and n.attrs["groups"] == 1 and "pads" not in n.attrs}
     return {n.inputs[0]: n for n in nodes
-            if n.op == "batchnorm2d" and n.inputs[0] in convs and readers[n.inputs[0]] == 1}
+            if n.op == "batchnorm2d" and n.inputs[0] in convs and len(reads[n.inputs[0]]) == 1}
 
 
 def densifies(ops, node: Node, x: Any, xd: Any, p: dict, ctx: RuleContext) -> bool:

@@ -47,6 +47,15 @@ def node_flops_dual(node: Node, tangents: int = 1) -> int:
 BATCH_REF = "@batch"
 
 
+def readers(nodes: list[Node]) -> dict[str, list[Node]]:
+    """Value name -> the nodes that read it, in program order."""
+    out: dict[str, list[Node]] = {}
+    for n in nodes:
+        for i in n.inputs:
+            out.setdefault(i, []).append(n)
+    return out
+
+
 def weight_names(nodes: list[Node]) -> list[str]:
     """Weights the nodes read, each once, in order of first use."""
     return list(dict.fromkeys(q for n in nodes for q in n.params.values()))
