@@ -1,7 +1,7 @@
 """Data-parallel forward gradients over torch.distributed: ranks exchange m + 2 scalars a step.
 
-Every rank draws the same tangents (and dropout masks, keyed by global sample index) from the
-shared seed, runs its shard of the global mini-batch, and the ranks sum (count, loss·count,
+Every rank draws the same tangents from the shared seed, runs its shard of the global mini-batch,
+and the ranks sum (count, loss·count,
 d_1·count .. d_m·count) with one all_reduce. The global mean d is then the same on every rank,
 so every rank applies the identical update to identical weights without ever sending a weight:
 8·(m + 2) bytes handed to the collective per rank and step, whatever the model's size. ``Ranks``
@@ -12,7 +12,9 @@ torch is imported when a reducer is made (the single-process runtime never impor
 the weight-perturbed methods (``fgd``, ``asyncfgd``) combine this way: their update is made of
 the m scalars and the seeded tangents. The local methods' updates are gradient estimates of D
 floats (the local-activity method's, or the local heads' own d per module), so they would need
-DDP's all_reduce of whole gradients; they are refused (``engine.make_scheduler``).
+DDP's all_reduce of whole gradients; they are refused (``engine.make_scheduler``). So are models
+with dropout for now: the scheduler draws a step's masks for samples 0..n−1 of what it is fed, and
+a rank's shard would need them keyed by global sample index (``draw_masks``'s ``sample_offset``).
 """
 from __future__ import annotations
 

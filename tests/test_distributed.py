@@ -183,6 +183,17 @@ def test_shards_cover_the_batch_and_local_methods_are_refused(mlp: Path):
                        reduce=lambda n, loss, d: (loss, d))
 
 
+def test_dropout_models_are_refused_data_parallel(tmp_path: Path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.Dropout(0.5),
+                                torch.nn.Linear(16, 10))
+    export_model(model, tmp_path / "drop", (1, 8, 8), 10, modules=2, tangents=1)
+    runners = load_runners(load_artifacts(tmp_path / "drop"), "onnxruntime", 1)
+    with pytest.raises(ValueError, match="does not support dropout yet"):
+        make_scheduler(runners, "fgd", "sgd", lambda s: LR, lambda k, s: 1.0, Perturbation(0),
+                       reduce=lambda n, loss, d: (loss, d))
+
+
 def test_drift_guard_restores_rank_0s_weights_and_statistics_are_averaged(tmp_path: Path):
     """Rank 1's weights differ by one ulp: the digest check names it and copies rank 0's over, after which
     the replicas agree; running statistics (1 on rank 0, 2 on rank 1) average to 1.5 on both."""
