@@ -90,7 +90,7 @@ def module_step(model: torch.nn.Module, spec: ModuleSpec, x: torch.Tensor, label
     estimates: dict[str, torch.Tensor] = {}
     for site in plan.sites:
         g = torch.einsum("jn,jn...->n...", d[site.node], eps[site.node]) / (m * n)
-        layer_w = [q for name in site.layers for q in _node(spec, name).params.values()]
+        layer_w = [q for name in site.layers for q in spec.node(name).params.values()]
         estimates.update(_vjp(model, spec, x, weights, stats, masks, bn_train, site.node, layer_w, g))
     for q in wp:
         estimates[q] = torch.einsum("j,j...->...", d[WEIGHTS].mean(dim=1), u[q]) / m
@@ -102,9 +102,6 @@ def module_step(model: torch.nn.Module, spec: ModuleSpec, x: torch.Tensor, label
            **{c.grad_output(q): g for q, g in estimates.items()}}
     return out if not spec.aux else {c.Y: y, **out}
 
-
-def _node(spec: ModuleSpec, name: str) -> Node:
-    return next(n for n in spec.nodes + spec.aux if n.name == name)
 
 
 def _vjp(model: torch.nn.Module, spec: ModuleSpec, x: torch.Tensor, weights: dict[str, torch.Tensor],

@@ -115,7 +115,7 @@ def run_activity(ops: Ops, mod: ModuleSpec, spec: GraphSpec, is_last: bool, x: A
     inject = {s.node: activity.in_slots(ops, swap_major(ops, noise[s.node], m, to_samples=True), slot[s.node],
                                         len(groups), axis=1) for s in plan.sites}
     u = {q: activity.in_slots(ops, tangents[q], slot[activity.WEIGHTS], len(groups)) for q in plan.weight_perturbed}
-    wanted = {n for s in plan.sites for layer in s.layers for n in (layer, *_node(mod, layer).inputs)}
+    wanted = {n for s in plan.sites for layer in s.layers for n in (layer, *mod.node(layer).inputs)}
     values: dict[str, Any] = {}
     y, yd, new_stats = run_program(ops, mod.nodes, mod.input, x, None, params, u, stats, ctx,
                                    masks, inject, values, wanted)
@@ -140,9 +140,6 @@ def run_activity(ops: Ops, mod: ModuleSpec, spec: GraphSpec, is_last: bool, x: A
         out.update({c.stat_output(k): v for k, v in new_stats.items()})
     return out
 
-
-def _node(mod: ModuleSpec, name: str) -> Node:
-    return next(n for n in mod.nodes + mod.aux if n.name == name)
 
 
 def run_program(ops: Ops, nodes: list[Node], input_name: str, x: Any, x_dot: Any, params: dict[str, Any],

@@ -109,6 +109,10 @@ class ModuleSpec:
     def output(self) -> str:
         return self.nodes[-1].name
 
+    def node(self, name: str) -> Node:
+        """The module's (or its head's) node called ``name``."""
+        return next(n for n in self.nodes + self.aux if n.name == name)
+
     @property
     def cost(self) -> int:
         """Dual multiply-adds per sample with one tangent (the manifest's ``cost_flops``)."""
