@@ -50,9 +50,6 @@ def make_scheduler(runners: list[ModuleRunner], method: str, optimizer: str, lr:
         raise ValueError(f"data-parallel training exchanges the m directional derivatives of "
                          f"{' and '.join(SCALAR_METHODS)}; {method}'s update is a gradient estimate of every "
                          "weight, which this mode does not all_reduce: use one process, or --method fgd/asyncfgd")
-    if reduce is not None and any(r.dropout for r in runners):
-        raise ValueError("data-parallel training does not support dropout yet: each rank would draw the masks "
-                         "of samples 0..n-1 of its shard instead of the global batch's (runtime/distributed.py)")
     opts = [make_optimizer(optimizer, r.params, r.xp, lr=lr(0), **(optimizer_kw or {})) for r in runners]
     if method == "fgd":
         return SyncFGD(runners, opts, alpha, lr, perturbation, reduce)

@@ -32,6 +32,11 @@ from .masks import draw_masks
 from .perturb import fill_signs, fill_tangents
 
 
+def _require_finite(step: int, loss: float, d: np.ndarray | None) -> None:
+    if not math.isfinite(loss) or (d is not None and not np.all(np.isfinite(d))):
+        raise NonFiniteLoss(step, loss, d)
+
+
 class NonFiniteLoss(FloatingPointError):
     """The loss or its derivative became NaN/inf; no update was applied for that step."""
 
@@ -45,13 +50,25 @@ class NonFiniteLoss(FloatingPointError):
 
 @dataclass
 class StepOutcome:
-    """A mini-batch whose loss is known (its update, if any, has been applied)."""
+    """A mini-batch whose loss is known (its update, if any, has been applied).
+
+    Counts, not logits: under data parallelism or the pipeline across ranks the rank that reports a
+    step does not hold every sample's logits, only the combined counts."""
 
     step: int
     loss: float
     loss_dot: np.ndarray | None  # (m,) directional derivatives, None when every module was frozen
-    logits: np.ndarray
-    labels: np.ndarray  # one-hot (N, C)
+    correct: int  # samples whose arg-max logit is their label
+    count: int  # samples in the mini-batch
+
+    @staticmethod
+    def of(step: int, loss: float, loss_dot: np.ndarray | None, logits: np.ndarray, onehot: np.ndarray) -> StepOutcome:
+        return StepOutcome(step, loss, loss_dot, n_correct(logits, onehot), len(onehot))
+
+
+def n_correct(logits: np.ndarray, onehot: np.ndarray) -> int:
+    """How many rows of ``logits`` have their largest entry at the one-hot label."""
+    return int((np.asarray(logits).argmax(axis=1) == onehot.argmax(axis=1)).sum())
 
 
 @dataclass
@@ -63,9 +80,9 @@ class Perturbation:
 
 AlphaFn = Callable[[int, int], float]  # (module, step) -> α
 LrFn = Callable[[int], float]  # step -> learning rate
-#: data-parallel FGD's combination of one step's (local sample count, mean loss, mean d) over all ranks
-#: into the global (mean loss, mean d) (runtime/distributed.py); None: one process
-Reducer = Callable[[int, float, np.ndarray], tuple[float, np.ndarray]]
+#: data-parallel FGD's combination of one step's local (sample count, correct count, mean loss, mean d) over
+#: all ranks into the global ones (runtime/distributed.py); None: one process
+Reducer = Callable[[int, int, float, np.ndarray], tuple[int, int, float, np.ndarray]]
 
 
 class _Base:
@@ -73,10 +90,14 @@ class _Base:
 
     def __init__(self, runners: Sequence[ModuleRunner], optimizers: Sequence[Any], alpha: AlphaFn, lr: LrFn,
                  perturbation: Perturbation, delays: Sequence[int], reduce: Reducer | None = None) -> None:
+        """``runners``: modules 0..K−1, or (one stage of the pipeline across ranks) the modules this
+        process holds, by their ``index``; ``delays`` has one entry per module of the whole network."""
         self.runners, self.optimizers = list(runners), list(optimizers)
+        self._runner = {r.index: r for r in self.runners}
+        self._opt = {r.index: o for r, o in zip(self.runners, self.optimizers, strict=True)}
         self.reduce = reduce
         self.alpha, self.lr, self.pert = alpha, lr, perturbation
-        self.K = len(self.runners)
+        self.K = len(delays)
         self.delays = list(delays)
         self._live_step = [-1] * self.K  # which step's tangents sit in each live tangent buffer
         self._rings: list[dict[int, list[np.ndarray]]] = [{} for _ in range(self.K)]
@@ -91,7 +112,7 @@ class _Base:
         return (c.DUAL_FIRST if perturbed else c.FORWARD), perturbed
 
     def _fill(self, k: int, step: int) -> None:
-        r = self.runners[k]
+        r = self._runner[k]
         fill_tangents(r.tangent_host(), self.pert.seed, step, k, self.pert.mode, self.alpha(k, step))
         r.upload_tangents()
         self._live_step[k] = step
@@ -103,7 +124,7 @@ class _Base:
 
     def _tangents_for(self, k: int, step: int) -> dict[str, Any]:
         """Module k's tangents for ``step``: live buffer, stored ring copy, or regenerated."""
-        r = self.runners[k]
+        r = self._runner[k]
         if self._live_step[k] == step:
             return r.tangents
         hosts = r.scratch_host()
@@ -115,17 +136,17 @@ class _Base:
         r.upload_scratch()
         return r.scratch
 
-    def _masks(self, k: int, step: int, n: int) -> dict[str, np.ndarray] | None:
+    def _masks(self, k: int, step: int, n: int, offset: int = 0) -> dict[str, np.ndarray] | None:
         """Module k's dropout masks for ``step`` (runtime/masks.py): a function of the seed, step,
         module, layer and sample alone, so resuming and every backend draw the same."""
-        sites = self.runners[k].dropout
-        return draw_masks(sites, self.pert.seed, step, k, n) if sites else None
+        sites = self._runner[k].dropout
+        return draw_masks(sites, self.pert.seed, step, k, n, offset) if sites else None
 
     def _update(self, k: int, step: int, d: np.ndarray) -> None:
         """w_k ← opt(w_k, g = mean_j d_j·u_j) with module k's tangents for ``step``."""
         if self.alpha(k, step) <= 0:
             return  # frozen: no noise, and no optimizer drift from momentum/Adam state
-        r = self.runners[k]
+        r = self._runner[k]
         xp = r.xp
         tangents = self._tangents_for(k, step)
         m = len(d)
@@ -139,19 +160,29 @@ class _Base:
                 xp.multiply(u[0], float(d[0]) / m, out=g)
                 for j in range(1, m):
                     g += u[j] * (float(d[j]) / m)
-            self.optimizers[k].step(r.grads, self.lr(step))
+            self._opt[k].step(r.grads, self.lr(step))
 
-    def _check(self, step: int, res: RunResult, to_host: Callable[[Any], np.ndarray],
-               count: int | None = None) -> tuple[float, np.ndarray | None]:
-        """(loss, d) of a run, combined over the ranks when data-parallel (``count``: this rank's samples),
-        and checked after combining, so that every rank sees the same NaN and stops at the same step."""
+    def _check(self, step: int, res: RunResult,
+               to_host: Callable[[Any], np.ndarray]) -> tuple[float, np.ndarray | None]:
+        """(loss, d) of a run, checked to be finite."""
         loss = float(to_host(res.loss))
         d = None if res.loss_dot is None else to_host(res.loss_dot).reshape(-1)
-        if self.reduce is not None and count is not None and d is not None:
-            loss, d = self.reduce(count, loss, d)
-        if not math.isfinite(loss) or (d is not None and not np.all(np.isfinite(d))):
-            raise NonFiniteLoss(step, loss, d)
+        _require_finite(step, loss, d)
         return loss, d
+
+    def _outcome(self, step: int, res: RunResult, to_host: Callable[[Any], np.ndarray],
+                 onehot: np.ndarray) -> StepOutcome:
+        """The last module's result, combined over the ranks when data-parallel, and checked after
+        combining, so that every rank sees the same NaN and stops at the same step."""
+        loss = float(to_host(res.loss))
+        d = None if res.loss_dot is None else to_host(res.loss_dot).reshape(-1)
+        correct, count = n_correct(to_host(res.logits), onehot), len(onehot)
+        if self.reduce is not None:
+            mine = np.zeros(0, np.float32) if d is None else d
+            count, correct, loss, combined = self.reduce(count, correct, loss, mine)
+            d = None if d is None else combined
+        _require_finite(step, loss, d)
+        return StepOutcome(step, loss, d, correct, count)
 
     def close(self) -> None:
         """Release worker threads (async only)."""
@@ -165,22 +196,24 @@ class SyncFGD(_Base):
         super().__init__(runners, optimizers, alpha, lr, perturbation, [0] * len(runners), reduce)
         self.next_step = 0
 
-    def feed(self, x: np.ndarray, labels: np.ndarray) -> list[StepOutcome]:
+    def feed(self, x: np.ndarray, labels: np.ndarray, offset: int = 0) -> list[StepOutcome]:
+        """One step on ``x``; ``offset``: the index of its first sample in the global mini-batch (a
+        data-parallel rank's shard), which keys the dropout masks."""
         s = self.next_step
         h, hd, ready = x, None, None
         for k, r in enumerate(self.runners):
             role, perturbed = self._role(k, s)
             if role != c.FORWARD:
                 self._fill(k, s)
-            res = r.run(role, h, hd, labels if r.is_last else None, ready=ready, masks=self._masks(k, s, len(x)))
+            res = r.run(role, h, hd, labels if r.is_last else None, ready=ready,
+                        masks=self._masks(k, s, len(x), offset))
             h, hd, ready = res.y, res.y_dot, res.ready
-        last = self.runners[-1]
-        loss, d = self._check(s, res, last.to_host, len(labels))
-        if d is not None:
+        out = self._outcome(s, res, self.runners[-1].to_host, labels)
+        if out.loss_dot is not None:
             for k in range(self.K):
-                self._update(k, s, d)
+                self._update(k, s, out.loss_dot)
         self.next_step += 1
-        return [StepOutcome(s, loss, d, last.to_host(res.logits), labels)]
+        return [out]
 
     def drain(self) -> list[StepOutcome]:
         return []
@@ -204,6 +237,7 @@ class _Handoff:
     h_dot: Any
     labels: np.ndarray
     ready: Any = None  # device event of the producing run
+    offset: int = 0  # the first sample's index in the global mini-batch (data-parallel shards)
 
 
 class AsyncFGD(_Base):
@@ -225,9 +259,9 @@ class AsyncFGD(_Base):
         self.busy_s = [0.0] * K  # per-module time spent in tick jobs: the pipeline's balance
         self._pool = ThreadPoolExecutor(max_workers=workers or K, thread_name_prefix="asyncfgd-module")
 
-    def feed(self, x: np.ndarray, labels: np.ndarray) -> list[StepOutcome]:
-        """One tick with a new mini-batch entering module 0."""
-        self.handoff[0] = _Handoff(self.next_step, x, None, labels)
+    def feed(self, x: np.ndarray, labels: np.ndarray, offset: int = 0) -> list[StepOutcome]:
+        """One tick with a new mini-batch entering module 0 (``offset``: as SyncFGD's)."""
+        self.handoff[0] = _Handoff(self.next_step, x, None, labels, offset=offset)
         self.next_step += 1
         return self._tick()
 
@@ -265,15 +299,14 @@ class AsyncFGD(_Base):
             self._fill(k, job.step)
         r = self.runners[k]
         return job, r.run(role, job.h, job.h_dot if role == c.DUAL else None, job.labels if r.is_last else None,
-                          ready=job.ready, masks=self._masks(k, job.step, len(job.labels)))
+                          ready=job.ready, masks=self._masks(k, job.step, len(job.labels), job.offset))
 
     def _finish(self, job: _Handoff, res: RunResult) -> StepOutcome:
         """The last module's result: its d becomes every module's pending update."""
-        last = self.runners[-1]
-        loss, d = self._check(job.step, res, last.to_host, len(job.labels))
-        if d is not None:
-            self.pending = (job.step, d)
-        return StepOutcome(job.step, loss, d, last.to_host(res.logits), job.labels)
+        out = self._outcome(job.step, res, self.runners[-1].to_host, job.labels)
+        if out.loss_dot is not None:
+            self.pending = (job.step, out.loss_dot)
+        return out
 
     def _tick(self) -> list[StepOutcome]:
         active = [k for k in range(self.K) if self.handoff[k] is not None or self.pending is not None]
@@ -286,7 +319,7 @@ class AsyncFGD(_Base):
                 continue
             job, res = done
             if k < self.K - 1:
-                self.handoff[k + 1] = _Handoff(job.step, res.y, res.y_dot, job.labels, res.ready)
+                self.handoff[k + 1] = _Handoff(job.step, res.y, res.y_dot, job.labels, res.ready, job.offset)
             else:
                 outcomes.append(self._finish(job, res))
         return outcomes
@@ -306,7 +339,8 @@ class AsyncFGD(_Base):
         self.next_step = int(state["next_step"])
         self.handoff, self.pending = [None] * self.K, None
         for f in state["in_flight"]:
-            self.handoff[f["module"]] = _Handoff(int(f["step"]), f["h"], f["h_dot"], f["labels"])
+            self.handoff[f["module"]] = _Handoff(int(f["step"]), f["h"], f["h_dot"], f["labels"],
+                                                 offset=int(f.get("offset", 0)))
 
     def close(self) -> None:
         self.flush()
@@ -335,7 +369,7 @@ class LocalFGD(AsyncFGD):
         if perturbed:
             self._fill(k, job.step)
         res = r.run(role, job.h, None, job.labels if (r.is_last or role == c.LOCAL) else None, ready=job.ready,
-                    masks=self._masks(k, job.step, len(job.labels)))
+                    masks=self._masks(k, job.step, len(job.labels), job.offset))
         if perturbed:
             _, d = self._check(job.step, res, r.to_host)
             assert d is not None  # perturbed roles (local, dual_first) always output loss_dot
@@ -346,7 +380,7 @@ class LocalFGD(AsyncFGD):
         last = self.runners[-1]
         loss = float(last.to_host(res.loss))
         d = None if res.loss_dot is None else last.to_host(res.loss_dot).reshape(-1)
-        return StepOutcome(job.step, loss, d, last.to_host(res.logits), job.labels)
+        return StepOutcome.of(job.step, loss, d, last.to_host(res.logits), job.labels)
 
 
 class LocalActivity(AsyncFGD):
@@ -400,7 +434,7 @@ class LocalActivity(AsyncFGD):
         noise = self._draw(k, job.step, n) if perturbed else None
         wants_labels = r.is_last or perturbed
         res = r.run(role, job.h, None, job.labels if wants_labels else None, ready=job.ready,
-                    masks=self._masks(k, job.step, n), noise=noise)
+                    masks=self._masks(k, job.step, n, job.offset), noise=noise)
         if perturbed:
             self._check(job.step, RunResult(loss=res.loss, loss_dot=res.sample_dot), r.to_host)
             assert res.grads is not None  # the activity role outputs every weight's estimate
@@ -411,7 +445,7 @@ class LocalActivity(AsyncFGD):
     def _finish(self, job: _Handoff, res: RunResult) -> StepOutcome:
         last = self.runners[-1]
         d = None if res.sample_dot is None else last.to_host(res.sample_dot).mean(axis=1)
-        return StepOutcome(job.step, float(last.to_host(res.loss)), d, last.to_host(res.logits), job.labels)
+        return StepOutcome.of(job.step, float(last.to_host(res.loss)), d, last.to_host(res.logits), job.labels)
 
 
 def evaluate(runners: Sequence[ModuleRunner], x: np.ndarray) -> np.ndarray:

@@ -48,7 +48,7 @@ for step in range(steps):
     x = rng.standard_normal((batch, 1, 8, 8)).astype(np.float32)
     y = rng.integers(0, 10, batch)
     sl = shard(len(x), rank, world)
-    ds += [o.loss_dot for o in sched.feed(x[sl], one_hot(y[sl], 10))]
+    ds += [o.loss_dot for o in sched.feed(x[sl], one_hot(y[sl], 10), offset=sl.start)]
 ds += [o.loss_dot for o in sched.drain()]
 sched.close()
 np.savez(out, d=np.array(ds), sent=reduce.bytes_sent,
@@ -159,11 +159,25 @@ def test_two_ranks_match_one_process_and_each_other(mlp: Path, tmp_path: Path, m
     """After 20 steps, 2 ranks × 32 = 1 process × 64 within the first-order bound of docs/algorithm.md
     (SGD: Σ_s lr·max_j|Δd_s,j|·max|u| plus T·4·2⁻²³·max|w| of rounding), a bound that is itself at most
     1e-3 of the weights' total change; the ranks' weights are bit-identical (equal hashes)."""
+    _equivalent(mlp, tmp_path, method)
+
+
+def test_two_ranks_with_dropout_match_one_process(tmp_path: Path):
+    """Each rank draws the masks of its shard's global sample indices (``feed(offset=)``): the same rows
+    of the same masks the single process draws, so the bound above holds with dropout too."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Dropout(0.3),
+                                torch.nn.Linear(32, 10))
+    export_model(model, tmp_path / "drop", (1, 8, 8), 10, modules=2, tangents=M)
+    _equivalent(tmp_path / "drop", tmp_path, "asyncfgd")
+
+
+def _equivalent(mlp: Path, tmp_path: Path, method: str) -> None:
     ranks = _ranks(mlp, tmp_path, method, 2)
     single, d_single = _single(mlp, method)
     digests = {hashlib.sha256(b"".join(r[n].tobytes() for n in single)).hexdigest() for r in ranks}
     assert len(digests) == 1
-    assert all(int(r["sent"]) == STEPS * 8 * (M + 2) for r in ranks)  # 8·(m + 2) bytes a step, nothing else
+    assert all(int(r["sent"]) == STEPS * 8 * (M + 3) for r in ranks)  # 8·(m + 3) bytes a step, nothing else
     d_ranks = ranks[0]["d"]
     assert d_ranks.shape == d_single.shape == (STEPS, M)
     start = {q: v for q, v in load_artifacts(mlp).weights.items()}
@@ -180,18 +194,7 @@ def test_shards_cover_the_batch_and_local_methods_are_refused(mlp: Path):
     runners = load_runners(load_artifacts(mlp), "onnxruntime", 1)
     with pytest.raises(ValueError, match="does not all_reduce"):
         make_scheduler(runners, "local-activity", "sgd", lambda s: LR, lambda k, s: 1.0, Perturbation(0),
-                       reduce=lambda n, loss, d: (loss, d))
-
-
-def test_dropout_models_are_refused_data_parallel(tmp_path: Path):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.Dropout(0.5),
-                                torch.nn.Linear(16, 10))
-    export_model(model, tmp_path / "drop", (1, 8, 8), 10, modules=2, tangents=1)
-    runners = load_runners(load_artifacts(tmp_path / "drop"), "onnxruntime", 1)
-    with pytest.raises(ValueError, match="does not support dropout yet"):
-        make_scheduler(runners, "fgd", "sgd", lambda s: LR, lambda k, s: 1.0, Perturbation(0),
-                       reduce=lambda n, loss, d: (loss, d))
+                       reduce=lambda n, c, loss, d: (n, c, loss, d))
 
 
 def test_drift_guard_restores_rank_0s_weights_and_statistics_are_averaged(tmp_path: Path):

@@ -119,7 +119,7 @@ class BpLearner:
             group["lr"] = self.lr(self.step)
         self.opt.step()
         self.step += 1
-        return [StepOutcome(self.step - 1, loss.item(), None, logits.detach().numpy(), onehot)]
+        return [StepOutcome.of(self.step - 1, loss.item(), None, logits.detach().numpy(), onehot)]
 
     def finish(self) -> list[StepOutcome]:
         return []
@@ -132,7 +132,10 @@ class BpLearner:
         """Backprop has no tangents."""
         return []
 
-    def evaluate(self, x: np.ndarray) -> np.ndarray:
+    def before_eval(self) -> None:
+        """Backprop's weights are always current."""
+
+    def evaluate(self, x: np.ndarray) -> np.ndarray | None:
         self._mode(False)
         with torch.no_grad():
             return self.model(torch.from_numpy(x)).numpy()

@@ -103,8 +103,8 @@ def runtime_state(runners: list[Any], scheduler: Any) -> tuple[Arrays, dict[str,
     for r in runners:
         arrays.update({f"param/{n}": r.to_host(p) for n, p in r.params.items()})
         arrays.update({f"buffer/{n}": r.to_host(b) for n, b in r.buffers.items()})
-    for k, opt in enumerate(scheduler.optimizers):
-        arrays.update({f"optim/{k}/{key}": np.asarray(v) for key, v in opt.state_dict().items()})
+    for r, opt in zip(runners, scheduler.optimizers, strict=True):
+        arrays.update({f"optim/{r.index}/{key}": np.asarray(v) for key, v in opt.state_dict().items()})
     flight = []
     for i, f in enumerate(sched.get("in_flight", [])):
         arrays[f"flight/{i}/h"], arrays[f"flight/{i}/labels"] = f["h"], f["labels"]
@@ -126,11 +126,11 @@ def restore_runtime_state(arrays: Arrays, state: dict[str, Any], runners: list[A
                                       f"artifacts the run was started with.")
             r.from_host(dst, src)
     try:
-        for k, opt in enumerate(scheduler.optimizers):
-            opt.load_state_dict(section(arrays, f"optim/{k}"))
+        for r, opt in zip(runners, scheduler.optimizers, strict=True):
+            opt.load_state_dict(section(arrays, f"optim/{r.index}"))
     except ValueError as exc:
         raise CheckpointError(f"the checkpoint's optimizer state does not fit this run ({exc}).") from None
-    flight = [{"module": f["module"], "step": f["step"], "h": arrays[f"flight/{i}/h"],
+    flight = [{"module": f["module"], "step": f["step"], "offset": f.get("offset", 0), "h": arrays[f"flight/{i}/h"],
                "labels": arrays[f"flight/{i}/labels"], "h_dot": arrays.get(f"flight/{i}/h_dot")}
               for i, f in enumerate(state["in_flight"])]
     scheduler.load_state_dict({"next_step": state["next_step"], "in_flight": flight})

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from asyncfgd.app.plots import pyplot
+from asyncfgd.runtime.scheduler import StepOutcome
 
 COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "samples_per_s", "wall_s", "peak_rss_mb")
 
@@ -60,14 +61,14 @@ class EpochStats:
     dot_sq_sum: float = 0.0  # FGD: sum of the squared directional derivatives ∇L·u of the steps (run logs)
     dots: int = 0
 
-    def add(self, loss: float, logits: np.ndarray, onehot: np.ndarray, loss_dot: np.ndarray | None = None) -> None:
-        self.loss_sum += loss
+    def add(self, out: StepOutcome) -> None:
+        self.loss_sum += out.loss
         self.batches += 1
-        self.correct += correct(logits, onehot.argmax(axis=1))
-        self.samples += len(onehot)
-        if loss_dot is not None:
-            self.dot_sq_sum += float(np.square(loss_dot, dtype=np.float64).sum())
-            self.dots += len(loss_dot)
+        self.correct += out.correct
+        self.samples += out.count
+        if out.loss_dot is not None:
+            self.dot_sq_sum += float(np.square(out.loss_dot, dtype=np.float64).sum())
+            self.dots += len(out.loss_dot)
 
     @property
     def loss(self) -> float:
