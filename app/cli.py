@@ -5,6 +5,7 @@ import typer
 
 from asyncfgd.app.commands import (
     bench,
+    bench_distributed,
     bench_pipeline,
     bench_tangents,
     build,
@@ -34,8 +35,8 @@ def version() -> None:
     typer.echo(package_version("asyncfgd"))
 
 
-for command in (doctor, build, bench, bench_pipeline, bench_tangents, train, save_torch, sweep, pretrain, report,
-                export, export_inference, validate):
+for command in (doctor, build, bench, bench_distributed, bench_pipeline, bench_tangents, train, save_torch, sweep,
+                pretrain, report, export, export_inference, validate):
     command.register(app)
 
 

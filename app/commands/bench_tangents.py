@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from asyncfgd.app.commands.common import fail, parse_config, parse_ints
+from asyncfgd.app.commands.common import bench_model, parse_ints
 
 TANGENTS_HELP = """Time per step of sync FGD on ONNX Runtime as the number of tangents m carried in ONE dual pass grows.
 
@@ -31,18 +31,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         shape = tuple(parse_ints(input_shape, "--input-shape", "1,8,8", 3))
         counts = parse_ints(tangents, "--tangents", "1,8")
-        import torch
-
         from asyncfgd.app.bench.throughput import TrainingLoop, interleaved
         from asyncfgd.exporter.export import export_model
-        from asyncfgd.exporter.model_sources import build_any
         from asyncfgd.exporter.models import model_spec
 
-        torch.manual_seed(0)
-        try:
-            net = build_any(model, 10, shape, parse_config(config))
-        except ValueError as exc:
-            fail(str(exc))
+        net = bench_model(model, shape, config)
         with tempfile.TemporaryDirectory() as tmp:
             loops = {}
             for m in counts:

@@ -69,3 +69,17 @@ def parse_perturb(items: list[str] | None) -> dict[str, str]:
             fail(f"--perturb takes LAYER=activity or LAYER=weight (e.g. features.0.0=weight), got {item!r}")
         out[layer] = how
     return out
+
+
+def bench_model(model: str, shape: tuple[int, ...], config: list[str]) -> Any:
+    """The benchmarks' model: ``model`` freshly initialised (seed 0) for 10 classes, or the reason it cannot be
+    built (imports torch)."""
+    import torch
+
+    from asyncfgd.exporter.model_sources import build_any
+
+    torch.manual_seed(0)
+    try:
+        return build_any(model, 10, shape, parse_config(config))
+    except ValueError as exc:
+        fail(str(exc))

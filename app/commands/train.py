@@ -30,6 +30,9 @@ from asyncfgd.app.commands.train_options import (
     ConfigOpt,
     D,
     DataOpt,
+    DistributedOpt,
+    DistTimeoutOpt,
+    DriftCheckEveryOpt,
     EpochsOpt,
     FreezeUntilOpt,
     LogEveryOpt,
@@ -54,6 +57,7 @@ from asyncfgd.app.commands.train_options import (
     WeightDecayOpt,
     WeightsOpt,
 )
+from asyncfgd.app.training import distributed as ranks
 from asyncfgd.app.training import run_log
 from asyncfgd.app.training.config import Interrupted, TrainConfig, method_defaults, saved_config
 from asyncfgd.app.training.loop import train
@@ -83,11 +87,14 @@ def _flags(names: list[str]) -> str:
 
 #: what --resume may change: the length of the run and how it is watched
 RESUME_MAY_CHANGE = ("epochs", "log", "log_every")
+#: how a run is launched, not what it computes (never saved)
+LAUNCH_OPTIONS = ("dist_timeout",)
+DIST_TIMEOUT_S = 600.0
 
 
 def _resumed_config(ctx: typer.Context, run_dir: Path) -> TrainConfig:
     """The saved configuration; only --epochs and how the run is watched may be changed on resume."""
-    extra = [n for n in _explicit(ctx, list(ctx.params)) if n not in ("resume", *RESUME_MAY_CHANGE)]
+    extra = [n for n in _explicit(ctx, list(ctx.params)) if n not in ("resume", *RESUME_MAY_CHANGE, *LAUNCH_OPTIONS)]
     if extra:
         fail(f"--resume continues a run with its saved settings; remove {_flags(extra)} "
              f"(only {_flags(list(RESUME_MAY_CHANGE))} may change).")
@@ -159,6 +166,9 @@ def train_cmd(
     augment: AugmentOpt = D.augment,
     validation: ValidationOpt = D.validation,
     freeze_until: FreezeUntilOpt = None,
+    distributed: DistributedOpt = None,
+    drift_check_every: DriftCheckEveryOpt = D.drift_check_every,
+    dist_timeout: DistTimeoutOpt = DIST_TIMEOUT_S,
     run_dir: RunDirOpt = None,
     resume: ResumeOpt = None,
     log: LogOpt = None,
@@ -166,17 +176,60 @@ def train_cmd(
 ) -> None:
     """Train with forward gradients (or the backprop baseline); writes a run directory with metrics and
     checkpoints."""
+    if ranks.launched():
+        _train_ranks(ctx, resume, dist_timeout, lr == AUTO)
+        return
     try:
         # the options are read from ctx.params: they have the names of TrainConfig's fields
         cfg = _resumed_config(ctx, resume) if resume is not None else new_config(ctx)
         run_log.check(cfg.log)  # a missing TensorBoard/MLflow package fails now, not after an --lr auto sweep
+        if cfg.distributed is not None:
+            typer.echo(f"--distributed {cfg.distributed} without torchrun: training in this one process"
+                       f"{' (the modules as threads)' if cfg.distributed == 'pipeline' else ''}.")
         typer.echo(f"run directory: {cfg.run_dir}")
     except USER_ERRORS as exc:
         fail(str(exc))
     run_reported(cfg, lr == AUTO, lambda c: train(c, resume=resume is not None, log=typer.echo))
 
 
-def run_reported(cfg: TrainConfig, auto_lr: bool, job: Callable[[TrainConfig], float]) -> TrainConfig:
+def _train_ranks(ctx: typer.Context, resume: Path | None, timeout_s: float, auto_lr: bool) -> None:
+    """One rank of a torchrun launch: rank 0's configuration for all (its run directory, its saved
+    settings on --resume), rank 0's messages only, and a failed or silent rank named in the error."""
+    if auto_lr:
+        fail("--lr auto runs a sweep of separate trainings; run it in one process, then launch the distributed "
+             "run with the --lr it found.")
+    try:
+        group = ranks.join(timeout_s)
+    except (RuntimeError, ValueError) as exc:
+        fail(f"cannot join the torchrun process group: {exc}")
+    echo = typer.echo if group.writer else (lambda _: None)
+    try:
+        try:
+            cfg = _resumed_config(ctx, resume) if resume is not None else new_config(ctx)
+            error = None
+        except USER_ERRORS as exc:
+            cfg, error = None, str(exc)
+        cfg, error = group.share((cfg, error))
+        if error is not None or cfg is None:
+            fail(error or "no configuration")
+        echo(f"run directory: {cfg.run_dir} ({group.world} ranks, --distributed {cfg.distributed})")
+        run_reported(cfg, False, lambda c: train(c, resume=resume is not None, log=echo, group=group),
+                     echo=echo)
+    except ranks.Stopped:
+        fail(f"rank {group.rank}: stopped by the launcher (another rank failed or was interrupted; torchrun's "
+             "report names it). Continue from the last checkpoint with --resume under the same launch.",
+             INTERRUPTED)
+    except RuntimeError as exc:
+        if not ranks.is_comm_error(exc):
+            raise
+        fail(f"{group.lost(exc)}. Every rank stops; continue from the last checkpoint (written after every epoch) "
+             f"with the same torchrun launch and `--resume DIR`.")
+    finally:
+        ranks.leave()
+
+
+def run_reported(cfg: TrainConfig, auto_lr: bool, job: Callable[[TrainConfig], float],
+                 echo: Callable[[str], None] = typer.echo) -> TrainConfig:
     """Pick the learning rate first when asked (`--lr auto`), run ``job``, turn every user-facing failure into
     a one-paragraph message and exit code, and end with the accuracy line. Returns the config actually used."""
     try:
@@ -191,7 +244,7 @@ def run_reported(cfg: TrainConfig, auto_lr: bool, job: Callable[[TrainConfig], f
         fail("interrupted before training started; nothing was saved.", INTERRUPTED)
     except USER_ERRORS as exc:
         fail(str(exc))
-    typer.echo(f"{'validation' if cfg.validation > 0 else 'test'} accuracy: {100 * acc:.1f}%")
+    echo(f"{'validation' if cfg.validation > 0 else 'test'} accuracy: {100 * acc:.1f}%")
     return cfg
 
 

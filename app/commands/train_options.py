@@ -162,6 +162,17 @@ FreezeUntilOpt = Annotated[str | None, typer.Option(
     "flatten, features.1) frozen: alpha 0 whatever --alpha-preset says, so they run forward only and never "
     "update; with --method bp their parameters get no gradient. For fine-tuning: freeze the pretrained body "
     "and cut it from the head with --split HEAD_LAYER.")]
+DistributedOpt = Annotated[Literal["data", "pipeline"] | None, typer.Option(
+    help="Under torchrun (docs/distributed.md): data = every rank trains on its shard of each global batch and "
+    "the ranks exchange m + 3 numbers a step (fgd, asyncfgd); pipeline = rank k runs module k of the AsyncFGD "
+    "pipeline (world size = --modules). Rank 0 writes the run directory. Needs torch on every device.",
+    show_default=False)]
+DriftCheckEveryOpt = Annotated[int, typer.Option(
+    min=0, help="--distributed data: compare the ranks' weight digests every N steps (rank 0's weights replace "
+    "a rank's that drifted; 0: never).")]
+DistTimeoutOpt = Annotated[float, typer.Option(
+    min=1.0, help="--distributed: seconds a rank waits for the others before it gives up (longer than rank 0's "
+    "evaluation and checkpoint writing).")]
 RunDirOpt = Annotated[Path | None, typer.Option(
     help="Output directory (default: runs/TIME-MODEL-METHOD).")]
 ResumeOpt = Annotated[Path | None, typer.Option(

@@ -70,6 +70,8 @@ class TrainConfig:
     validation: float = 0.0  # > 0: evaluate on this fraction of the train set, train on the rest
     freeze_until: str | None = None  # modules up to the one holding this layer get alpha 0 (and bp freezes them)
     lr_sweep: str | None = None  # the sweep directory whose winner is ``lr`` (train --lr auto)
+    distributed: str | None = None  # under torchrun: "data" (shards of each batch) or "pipeline" (rank k: module k)
+    drift_check_every: int = 200  # data-parallel: steps between comparisons of the ranks' weight digests
     run_dir: str = ""
     # how the run is watched (no effect on the weights; may change on --resume)
     log: list[str] = field(default_factory=list)  # run logs besides metrics.csv (--log): tensorboard, mlflow

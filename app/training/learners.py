@@ -11,7 +11,7 @@ from asyncfgd.app.training.config import TrainConfig
 from asyncfgd.app.training.freeze import frozen_modules
 from asyncfgd.runtime.artifacts import F32, Artifacts, param_numel
 from asyncfgd.runtime.engine import load_runners, make_scheduler
-from asyncfgd.runtime.scheduler import Perturbation, StepOutcome, evaluate
+from asyncfgd.runtime.scheduler import AlphaFn, Perturbation, Reducer, StepOutcome, evaluate
 
 
 class Learner(Protocol):
@@ -25,8 +25,13 @@ class Learner(Protocol):
         """Apply every pending update (end of training)."""
         ...
 
-    def evaluate(self, x: np.ndarray) -> np.ndarray:
-        """Logits with the current weights, BatchNorm on running statistics."""
+    def before_eval(self) -> None:
+        """Make the weights and statistics ready to evaluate and checkpoint (a collective when distributed)."""
+        ...
+
+    def evaluate(self, x: np.ndarray) -> np.ndarray | None:
+        """Logits with the current weights, BatchNorm on running statistics (None on a distributed rank
+        that does not hold them: only rank 0 reports)."""
         ...
 
     def estimate_norms(self) -> list[float | None]:
@@ -72,24 +77,30 @@ def stored_tangent_bytes(arts: Artifacts) -> int:
     return sum((K - k) * arts.tangents * F32 * param_numel(mod.raw) for k, mod in enumerate(arts.modules) if k < K - 1)
 
 
+def alpha_fn(arts: Artifacts, cfg: TrainConfig, steps_per_epoch: int) -> AlphaFn:
+    """Each module's α by step: the schedule, and 0 for the frozen modules."""
+    schedule, K = cfg.alpha_schedule(), len(arts.modules)
+    schedule.alpha(K - 1, K, 0.0)  # a wrong number of --alphas fails here, before training
+    frozen = frozen_modules(arts.modules, cfg.freeze_until)
+
+    def alpha(module: int, step: int) -> float:
+        return 0.0 if module < frozen else schedule.alpha(module, K, step / steps_per_epoch)
+
+    return alpha
+
+
 class FgdLearner:
     """Sync FGD or AsyncFGD on the runtime (ONNX Runtime or torch backend)."""
 
-    def __init__(self, arts: Artifacts, cfg: TrainConfig, steps_per_epoch: int) -> None:
+    def __init__(self, arts: Artifacts, cfg: TrainConfig, steps_per_epoch: int, reduce: Reducer | None = None) -> None:
         self.runners = load_runners(arts, cfg.backend, cfg.threads or None)
-        schedule, K = cfg.alpha_schedule(), len(self.runners)
-        schedule.alpha(K - 1, K, 0.0)  # a wrong number of --alphas fails here, before training
-        frozen = frozen_modules(arts.modules, cfg.freeze_until)
-
-        def alpha(module: int, step: int) -> float:
-            return 0.0 if module < frozen else schedule.alpha(module, K, step / steps_per_epoch)
-
+        alpha = alpha_fn(arts, cfg, steps_per_epoch)
         self.scheduler = make_scheduler(self.runners, cfg.method, cfg.optimizer, cfg.lr_fn(steps_per_epoch), alpha,
                                         Perturbation(cfg.seed, cfg.tangent_mode, store_tangents(cfg, arts)),
-                                        cfg.optimizer_kw())
+                                        cfg.optimizer_kw(), reduce)
         for opt in self.scheduler.optimizers:
             opt.track_norm = bool(cfg.log)  # one extra pass over each estimate, for the run logs only
-        self._alpha, self._modules = alpha, K
+        self._alpha, self._modules = alpha, len(self.runners)
 
     def alphas(self, step: int) -> list[float]:
         return [self._alpha(k, step) for k in range(self._modules)]
@@ -109,7 +120,10 @@ class FgdLearner:
     def finish(self) -> list[StepOutcome]:
         return self.scheduler.drain()
 
-    def evaluate(self, x: np.ndarray) -> np.ndarray:
+    def before_eval(self) -> None:
+        self.scheduler.flush()
+
+    def evaluate(self, x: np.ndarray) -> np.ndarray | None:
         self.scheduler.flush()
         return evaluate(self.runners, x)
 

@@ -24,17 +24,18 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from asyncfgd.app.training import checkpoint, metrics, run_log
+from asyncfgd.app.training import checkpoint, distributed, metrics, run_log
 from asyncfgd.app.training.artifact_cache import ExportOptions, cached_artifacts
 from asyncfgd.app.training.config import Diverged, Interrupted, TrainConfig, TrainError
 from asyncfgd.app.training.data import ArrayDataset, BatchStream, DatasetSplits, load_dataset, one_hot, split_validation
+from asyncfgd.app.training.distributed import Group
 from asyncfgd.app.training.freeze import freeze_note, frozen_modules
 from asyncfgd.app.training.learners import Learner, make_learner, store_tangents
 from asyncfgd.runtime.artifacts import Artifacts, load_artifacts
@@ -42,6 +43,8 @@ from asyncfgd.runtime.engine import ACTIVITY_METHOD, LOCAL_METHOD
 from asyncfgd.runtime.scheduler import NonFiniteLoss
 
 EVAL_CHUNK = 512
+#: failures rank 0 shares with every rank of a distributed run (so that all stop with its message)
+USER_FACING = (TrainError, checkpoint.CheckpointError, OSError, ValueError)
 #: the run's one progress bar, e.g. ``epoch 9/100   8%|█     | ETA 01:02, loss 0.210 acc 95.4% | test 95.3%``:
 #: fits 80 columns (the bar takes what is left); samples/s are in metrics.csv and the run logs
 BAR_FORMAT = "{desc} {percentage:3.0f}%|{bar}| ETA {remaining}{postfix}"
@@ -105,8 +108,13 @@ def run_data(cfg: TrainConfig, data: DatasetSplits) -> RunData:
 
 
 def evaluate_split(learner: Learner, ds: ArrayDataset) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) on a whole split, in chunks to bound memory."""
-    logits = np.concatenate([learner.evaluate(ds.images[i:i + EVAL_CHUNK]) for i in range(0, len(ds), EVAL_CHUNK)])
+    """(mean cross-entropy, accuracy) on a whole split, in chunks to bound memory; NaN on a distributed
+    rank that does not hold the logits."""
+    learner.before_eval()
+    chunks = [learner.evaluate(ds.images[i:i + EVAL_CHUNK]) for i in range(0, len(ds), EVAL_CHUNK)]
+    if any(c is None for c in chunks):
+        return float("nan"), float("nan")
+    logits = np.concatenate([c for c in chunks if c is not None])
     return metrics.cross_entropy(logits, ds.labels), metrics.correct(logits, ds.labels) / len(ds)
 
 
@@ -125,6 +133,18 @@ class Progress:
         return len(self.history)
 
 
+class _NoSigint:
+    """A flag that Ctrl-C never sets (distributed ranks leave SIGINT to the launcher)."""
+
+    raised = False
+
+    def __enter__(self) -> _NoSigint:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        return None
+
+
 class _SigintFlag:
     """Turns Ctrl-C into a flag the loop checks between mini-batches (never mid-update)."""
 
@@ -140,16 +160,24 @@ class _SigintFlag:
         signal.signal(signal.SIGINT, self._old)
 
 
-def _save(run_dir: Path, cfg: TrainConfig, model_spec: dict[str, Any], learner: Learner, progress: Progress) -> None:
-    arrays, learner_meta = learner.state()
+def _save(run_dir: Path, cfg: TrainConfig, model_spec: dict[str, Any], learner: Learner, progress: Progress,
+          group: Group | None = None) -> None:
+    learner.before_eval()  # data-parallel: the ranks' BatchNorm statistics averaged into the checkpoint
+    arrays, learner_meta = learner.state()  # distributed: gathered on rank 0
+    if group is not None and not group.writer:
+        return
     checkpoint.save(run_dir / checkpoint.FILENAME, arrays, checkpoint.stamp({
         "config": asdict(cfg), "model_spec": model_spec, "learner": learner_meta,
         "position": {"epoch": progress.epoch, "batch": progress.batch}, "stats": progress.stats.to_dict(),
         "history": progress.history, "elapsed_s": progress.elapsed_s}))
 
 
-def _restore(run_dir: Path, learner: Learner) -> Progress:
-    arrays, meta = checkpoint.load(run_dir / checkpoint.FILENAME)
+def _restore(run_dir: Path, learner: Learner, group: Group | None = None) -> Progress:
+    """The checkpoint (read by rank 0 and sent to every rank when distributed)."""
+    if group is None:
+        arrays, meta = checkpoint.load(run_dir / checkpoint.FILENAME)
+    else:
+        arrays, meta = _agree(group, lambda: checkpoint.load(run_dir / checkpoint.FILENAME))
     learner.load_state(arrays, meta["learner"])
     pos = meta["position"]
     return Progress(pos["epoch"], pos["batch"], metrics.EpochStats(**meta["stats"]), meta["history"],
@@ -168,37 +196,70 @@ def _write_config(run_dir: Path, cfg: TrainConfig, arts: Artifacts, data: Datase
     (run_dir / "config.json").write_text(json.dumps(resolved, indent=1) + "\n")
 
 
-def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = print, bars: bool = True) -> float:
-    """Run (or continue) training; returns the final accuracy on the evaluation split (test or validation).
+def _agree(group: Group, job: Callable[[], Any]) -> Any:
+    """``job``'s result on rank 0, or its user-facing error, on every rank (so all ranks go on or stop)."""
+    result: Any = None
+    error: str | None = None
+    if group.writer:
+        try:
+            result = job()
+        except USER_FACING as exc:
+            error = str(exc)
+    result, error = group.share((result, error))
+    if error is not None:
+        raise TrainError(error)
+    return result
+
+
+def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = print, bars: bool = True,
+          group: Group | None = None) -> float:
+    """Run (or continue) training; returns the final accuracy on the evaluation split (test or validation;
+    NaN on the distributed ranks other than 0, which write nothing).
 
     ``bars=False`` hides the per-epoch progress bars (runs in parallel would garble the terminal).
     """
     run_dir = Path(cfg.run_dir)
-    if not resume and (run_dir / checkpoint.FILENAME).exists():
-        raise TrainError(f"{run_dir} already holds a run; continue it with `--resume {run_dir}` or pick another "
-                         f"--run-dir.")
+    writer = group is None or group.writer
+    if not writer:
+        log, bars, cfg_logs = (lambda _: None), False, replace(cfg, log=[])
+    else:
+        cfg_logs = cfg
+
+    def fresh() -> None:
+        if not resume and (run_dir / checkpoint.FILENAME).exists():
+            raise TrainError(f"{run_dir} already holds a run; continue it with `--resume {run_dir}` or pick "
+                             f"another --run-dir.")
+
+    fresh() if group is None else _agree(group, fresh)
     run_log.check(cfg.log)  # a missing TensorBoard/MLflow library fails here, before any work
     data = load_dataset(cfg.data)
     rd = run_data(cfg, data)
-    arts = resolve_artifacts(cfg, data)
+    if group is None:
+        arts = resolve_artifacts(cfg, data)
+    else:  # rank 0 exports into the cache first; the others then find it there
+        _agree(group, lambda: resolve_artifacts(cfg, data).root)
+        arts = resolve_artifacts(cfg, data)
+    distributed.check(cfg, group, len(arts.modules))
     note = freeze_note(arts.modules, cfg.freeze_until)  # an unknown layer fails here, before any output
     stream = BatchStream(rd.train, cfg.batch_size, cfg.seed, shuffle=True, augment=cfg.augment)
     steps = len(stream)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_config(run_dir, cfg, arts, data, rd, steps)
+    if writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_config(run_dir, cfg, arts, data, rd, steps)
     if note:
         log(note)
-    learner = make_learner(arts, cfg, steps)
+    learner = (make_learner(arts, cfg, steps) if group is None
+               else distributed.make_distributed_learner(arts, cfg, steps, group, log))
     try:
         if cfg.epochs == 0 and not resume:
-            with run_log.RunLog.open(cfg, run_dir, 0, log) as sinks:
-                return _evaluate_only(run_dir, rd, learner, log, sinks)
-        progress = _restore(run_dir, learner) if resume else Progress()
+            with run_log.RunLog.open(cfg_logs, run_dir, 0, log) as sinks:
+                return _evaluate_only(run_dir, rd, learner, log, sinks, writer)
+        progress = _restore(run_dir, learner, group) if resume else Progress()
         if progress.finished_epochs >= cfg.epochs:
             log(f"{run_dir} has finished its {cfg.epochs} epochs already (extend it with --epochs).")
         else:
-            with run_log.RunLog.open(cfg, run_dir, progress.finished_epochs + 1, log) as sinks:
-                _loop(cfg, run_dir, rd, stream, learner, progress, log, arts, bars, sinks)
+            with run_log.RunLog.open(cfg_logs, run_dir, progress.finished_epochs + 1, log) as sinks:
+                _loop(cfg, run_dir, rd, stream, learner, progress, log, arts, bars, sinks, group)
         return progress.history[-1][f"{rd.eval_name}_acc"]
     except NonFiniteLoss as exc:
         kept = (f"the last good checkpoint (after epoch {progress.finished_epochs}) in {run_dir} is kept"
@@ -211,9 +272,11 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
 
 
 def _evaluate_only(run_dir: Path, rd: RunData, learner: Learner, log: Callable[[str], None],
-                   sinks: run_log.RunLog) -> float:
+                   sinks: run_log.RunLog, writer: bool = True) -> float:
     """``--epochs 0``: one metrics row (epoch 0, no training columns) for the starting weights; no checkpoint."""
     loss, acc = evaluate_split(learner, rd.eval)
+    if not writer:
+        return acc
     sinks.write(0, {f"loss/{rd.eval_name}": loss, f"accuracy/{rd.eval_name}": acc})
     nan = float("nan")
     row = {"epoch": 0, "train_loss": nan, "train_acc": nan, f"{rd.eval_name}_loss": round(loss, 6),
@@ -253,7 +316,7 @@ def _scalars(eval_name: str, stats: metrics.EpochStats, eval_loss: float, eval_a
 
 def _loop(cfg: TrainConfig, run_dir: Path, rd: RunData, stream: BatchStream, learner: Learner,
           progress: Progress, log: Callable[[str], None], arts: Artifacts, bars: bool,
-          sinks: run_log.RunLog) -> None:
+          sinks: run_log.RunLog, group: Group | None = None) -> None:
     """The epochs left: one bar over every step of the run, a summary line every ``cfg.summary_every()``
     epochs (and after the first and the last), each epoch into metrics.csv, curves.png and the run logs."""
     model_spec = arts.manifest["model"]
@@ -273,15 +336,20 @@ def _loop(cfg: TrainConfig, run_dir: Path, rd: RunData, stream: BatchStream, lea
             with tqdm.external_write_mode():  # clear the bar, print, redraw it
                 log(line)
 
-    with _SigintFlag() as sigint, bar:
+    writer = group is None or group.writer
+    # distributed ranks cannot all stop at the same batch on Ctrl-C: the launcher ends them, and the run
+    # resumes from the last epoch's checkpoint
+    with (_SigintFlag() if group is None else _NoSigint()) as sigint, bar:
         for epoch in range(progress.epoch, cfg.epochs):
             stats = progress.stats
             bar.set_description_str(f"epoch {epoch + 1}/{cfg.epochs}", refresh=False)
             tick = time.perf_counter()
             for i, (x, y) in enumerate(stream.epoch(epoch, progress.batch), start=progress.batch):
                 for out in learner.feed(x, one_hot(y, rd.num_classes)):
-                    stats.add(out.loss, out.logits, out.labels, out.loss_dot)
+                    stats.add(out)
                 stats.fed += len(y)
+                if group is not None:
+                    group.heartbeat(epoch * steps + i)
                 now = time.perf_counter()
                 stats.seconds, tick = stats.seconds + now - tick, now
                 bar.update()
@@ -289,12 +357,12 @@ def _loop(cfg: TrainConfig, run_dir: Path, rd: RunData, stream: BatchStream, lea
                 if sigint.raised:
                     progress.epoch, progress.batch = epoch, i + 1
                     progress.elapsed_s = time.perf_counter() - started
-                    _save(run_dir, cfg, model_spec, learner, progress)
+                    _save(run_dir, cfg, model_spec, learner, progress, group)
                     raise Interrupted(run_dir, epoch, i + 1)
             last = epoch == cfg.epochs - 1
             if last:
                 for out in learner.finish():
-                    stats.add(out.loss, out.logits, out.labels, out.loss_dot)
+                    stats.add(out)
             eval_loss, eval_acc = evaluate_split(learner, rd.eval)
             progress.elapsed_s = time.perf_counter() - started
             progress.history.append({
@@ -308,7 +376,9 @@ def _loop(cfg: TrainConfig, run_dir: Path, rd: RunData, stream: BatchStream, lea
             sinks.write(epoch + 1, _scalars(rd.eval_name, stats, eval_loss, eval_acc, lr_at(end_step),
                                             learner.alphas(end_step), learner.estimate_norms()))
             progress.epoch, progress.batch, progress.stats = epoch + 1, 0, metrics.EpochStats()
-            _save(run_dir, cfg, model_spec, learner, progress)
+            _save(run_dir, cfg, model_spec, learner, progress, group)
+            if not writer:
+                continue
             metrics.write_csv(run_dir / "metrics.csv", progress.history, rd.eval_name)
             if last or time.perf_counter() - plotted > PLOT_EVERY_S:
                 metrics.plot(run_dir / "curves.png", progress.history, f"{model_spec['name']} - {cfg.method}",
