@@ -6,12 +6,14 @@ import typer
 from asyncfgd.app.commands import (
     bench,
     bench_distributed,
+    bench_memory,
     bench_pipeline,
     bench_tangents,
     build,
     doctor,
     export,
     export_inference,
+    plan,
     pretrain,
     report,
     save_torch,
@@ -35,8 +37,8 @@ def version() -> None:
     typer.echo(package_version("asyncfgd"))
 
 
-for command in (doctor, build, bench, bench_distributed, bench_pipeline, bench_tangents, train, save_torch, sweep,
-                pretrain, report, export, export_inference, validate):
+for command in (doctor, build, bench, bench_distributed, bench_memory, bench_pipeline, bench_tangents, train,
+                save_torch, sweep, pretrain, report, export, export_inference, plan, validate):
     command.register(app)
 
 

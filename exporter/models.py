@@ -26,7 +26,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-MODEL_NAMES: tuple[str, ...] = ("mlp", "cnn", "resnet18", "resnet18-imagenet", "mobilenetv2")
+MODEL_NAMES: tuple[str, ...] = ("mlp", "cnn", "resnet18", "resnet18-imagenet", "resnet50-imagenet", "mobilenetv2")
 #: attribute where ``model_sources.build_any`` stores the spec of a non-zoo model (zoo models: ``zoo_spec``)
 SPEC_ATTR = "asyncfgd_spec"
 
@@ -137,15 +137,53 @@ class BasicBlock(nn.Module):
         return self.relu2(out + identity)
 
 
-class ResNet18(BlockChain):
-    """ResNet-18 with torchvision key names; ``imagenet`` picks the 7x7/2 stem + maxpool.
+class Bottleneck(nn.Module):
+    """torchvision's ResNet-50 Bottleneck (1x1 reduce, 3x3 with the stride, 1x1 expand by 4; same key names),
+    with one ReLU module per use as in ``BasicBlock``."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        out = planes * self.expansion
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu2 = nn.ReLU()
+        self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out)
+        self.relu3 = nn.ReLU()
+        self.downsample: nn.Module | None = None
+        if stride != 1 or inplanes != out:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride=stride, bias=False),
+                                            nn.BatchNorm2d(out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.relu2(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu3(out + identity)
+
+
+#: depth -> (block, blocks per stage), as torchvision's resnet18 and resnet50
+RESNET_DEPTHS: dict[int, tuple[type[nn.Module], tuple[int, ...]]] = {18: (BasicBlock, (2, 2, 2, 2)),
+                                                                     50: (Bottleneck, (3, 4, 6, 3))}
+
+
+class ResNet(BlockChain):
+    """ResNet-18 or -50 with torchvision key names; ``imagenet`` picks the 7x7/2 stem + maxpool.
 
     The CIFAR variant (3x3/1 stem, no maxpool) keeps 32x32 inputs at full resolution in
     layer1; its keys equal torchvision's but ``conv1.weight`` is 3x3 instead of 7x7.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, width: int, imagenet: bool) -> None:
+    def __init__(self, in_channels: int, num_classes: int, width: int, imagenet: bool, depth: int = 18) -> None:
         super().__init__()
+        block, counts = RESNET_DEPTHS[depth]
+        expansion = getattr(block, "expansion", 1)
         if imagenet:
             self.conv1 = nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)
         else:
@@ -157,17 +195,19 @@ class ResNet18(BlockChain):
             self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
             stem.append("maxpool")
         inplanes = width
-        for i, planes in enumerate((width, 2 * width, 4 * width, 8 * width), start=1):
+        for i, (planes, count) in enumerate(zip((width, 2 * width, 4 * width, 8 * width), counts, strict=True),
+                                            start=1):
             stride = 1 if i == 1 else 2
-            layer = nn.Sequential(BasicBlock(inplanes, planes, stride), BasicBlock(planes, planes, 1))
-            setattr(self, f"layer{i}", layer)
-            inplanes = planes
+            blocks = [block(inplanes, planes, stride)]
+            blocks += [block(planes * expansion, planes, 1) for _ in range(count - 1)]
+            setattr(self, f"layer{i}", nn.Sequential(*blocks))
+            inplanes = planes * expansion
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(inplanes, num_classes)
         self.block_names = (
             *stem,
-            *(f"layer{i}.{j}" for i in range(1, 5) for j in range(2)),
+            *(f"layer{i}.{j}" for i, count in enumerate(counts, start=1) for j in range(count)),
             "avgpool", "flatten", "fc",
         )
         _init_torchvision(self)
@@ -274,10 +314,10 @@ def _build_cnn(num_classes: int, shape: InputShape, channels: Any = (16, 32)) ->
     return CNN(shape, channels, num_classes), {"channels": list(channels)}
 
 
-def _resnet_builder(imagenet: bool) -> Callable[..., tuple[BlockChain, dict]]:
+def _resnet_builder(imagenet: bool, depth: int = 18) -> Callable[..., tuple[BlockChain, dict]]:
     def build(num_classes: int, shape: InputShape, width: Any = 64) -> tuple[BlockChain, dict]:
         width = _positive_int("width", width)
-        return ResNet18(shape[0], num_classes, width, imagenet), {"width": width}
+        return ResNet(shape[0], num_classes, width, imagenet, depth), {"width": width}
     return build
 
 
@@ -301,6 +341,7 @@ _BUILDERS: dict[str, Callable[..., tuple[BlockChain, dict]]] = {
     "cnn": _build_cnn,
     "resnet18": _resnet_builder(imagenet=False),
     "resnet18-imagenet": _resnet_builder(imagenet=True),
+    "resnet50-imagenet": _resnet_builder(imagenet=True, depth=50),
     "mobilenetv2": _build_mobilenetv2,
 }
 _OPTIONS: dict[str, tuple[str, ...]] = {
@@ -308,6 +349,7 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
     "cnn": ("channels",),
     "resnet18": ("width",),
     "resnet18-imagenet": ("width",),
+    "resnet50-imagenet": ("width",),
     "mobilenetv2": ("width_mult", "stem_stride"),
 }
 

@@ -12,6 +12,7 @@ A module's weights, its tangents and its re-created tangents each live in one co
 Memory (measured on ResNet-18, batch 64, docs/performance.md):
 - sessions are created on a role's first run, so a training run never builds eval sessions and
   their thread pools, and evaluation-only use builds no dual ones;
+- no layout optimisations (``ORT_ENABLE_EXTENDED``): the NCHWc layout copies cost memory, not speed;
 - ``PRIORITY_BASED`` execution order and no memory patterns: with ORT's default order (branches
   run far ahead of their consumers) and a memory pattern (one block reserved for the first run's
   intermediates), the whole ResNet-18 dual graph took ~1.4 GB, 13x the 112 MB its tensors need
@@ -49,6 +50,9 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     opts.enable_mem_pattern = False
+    # no layout optimisations (ENABLE_ALL's NCHWc conversion inserts reordered copies of the widest
+    # activations: +122 MB on ResNet-18 at 224/batch 16, at the same speed; docs/performance.md)
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     return opts
 
 

@@ -235,3 +235,56 @@ def test_bench_clis_reject_bad_number_lists_with_a_message(args, message):
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 2
     assert message in res.output and "Traceback" not in res.output
+
+
+def test_graph_liveness_counts_intermediates_until_their_last_reader():
+    """x -> Relu -> a; a -> Neg -> b; (a, b) -> Mul -> c; c -> Sigmoid -> out. With N = 5 rows of 3:
+    at Neg, a and b are live (2 tensors); at Mul, a and b die and c is born (a, b, c: 3); at the
+    output node only the output, which is bound to a caller's buffer, so not counted."""
+    from onnx import TensorProto, helper
+
+    from asyncfgd.app.bench.memory_model import _live_bytes
+
+    vi = helper.make_tensor_value_info
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Neg", ["a"], ["b"]),
+             helper.make_node("Mul", ["a", "b"], ["c"]), helper.make_node("Sigmoid", ["c"], ["out"])]
+    graph = helper.make_graph(nodes, "g", [vi("x", TensorProto.FLOAT, ["N", 3])],
+                              [vi("out", TensorProto.FLOAT, ["N", 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert _live_bytes(model, 5) == 3 * 5 * 3 * 4
+
+
+def test_graph_temporaries_are_a_separate_part(mlp_manifests):
+    one, two = mlp_manifests[1], mlp_manifests[2]
+    plain = predict(one, "fgd", 2)
+    # a graph whose widest node holds 100 more bytes than the layer count: the difference is its own part
+    widest = plain.parts["activations"]
+    more = predict(one, "fgd", 2, live=[widest + 100])
+    assert more.parts["dual-rule temporaries (graph liveness)"] == 100
+    assert more.total == plain.total + 100 and more.layers_only == plain.total
+    # the pipeline adds each module's excess; a graph narrower than the layer count adds nothing
+    parts = predict(two, "asyncfgd", 2, live=[0, 10**6]).parts
+    assert parts["dual-rule temporaries (graph liveness)"] == 10**6 - 4 * 2 * 2 * 4
+
+
+def test_memory_curve_slope_is_the_least_squares_line():
+    from asyncfgd.app.bench.memory_curve import slope
+
+    points = [{"batch": b, "peak_rss_mb": 100 + 2.5 * b + e} for b, e in ((8, 1.0), (16, -2.0), (32, 1.0))]
+    per_sample, intercept = slope(points)
+    b = np.array([8, 16, 32.0])
+    y = 100 + 2.5 * b + np.array([1.0, -2.0, 1.0])
+    A = np.stack([b, np.ones(3)], 1)
+    expected = np.linalg.lstsq(A, y, rcond=None)[0]
+    assert np.allclose([per_sample, intercept], expected)
+
+
+def test_bench_memory_cli_writes_points_and_plot(tmp_path):
+    js, png = tmp_path / "m.json", tmp_path / "m.png"
+    res = CliRunner().invoke(app, ["bench-memory", "--model", "cnn", "--input-shape", "1,8,8", "--batches", "4,16",
+                                   "--methods", "fgd", "--plot", str(png), "--json", str(js)])
+    assert res.exit_code == 0, res.output
+    points = json.loads(js.read_text())["curves"]["fgd"]
+    assert [p["batch"] for p in points] == [4, 16]
+    assert all(p["peak_rss_mb"] > p["baseline_rss_mb"] > 0 and p["model_mb"] > 0 for p in points)
+    assert png.read_bytes()[:8] == PNG and "MB/sample" in res.output

@@ -413,3 +413,13 @@ def test_cli_export_errors_exit_2_with_a_message(tmp_path, args, message):
 def test_cli_validate_missing_dir_exits_2(tmp_path):
     result = CliRunner().invoke(app, ["validate", str(tmp_path / "none")])
     assert result.exit_code == 2 and "manifest.json is missing" in result.stderr
+
+
+def test_resnet50_bottlenecks_export_and_validate(tmp_path):
+    """The ResNet-50-style zoo entry (Bottleneck blocks, the depth benchmark's model) through the
+    exporter: every dual graph of a K = 2 split against the float64 reference, at a width of 4."""
+    torch.manual_seed(0)
+    model = build_model("resnet50-imagenet", 10, (3, 32, 32), width=4)
+    export_model(model, tmp_path, (3, 32, 32), 10, modules=2, model_spec=model_spec(model))
+    report = validate_artifacts(tmp_path, batch_sizes=(4,))
+    assert report.passed and not report.errors, report.table()

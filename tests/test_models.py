@@ -23,6 +23,7 @@ SMALL = {
     "cnn": {},
     "resnet18": {"width": 8},
     "resnet18-imagenet": {"width": 8},
+    "resnet50-imagenet": {"width": 4},
     "mobilenetv2": {"width_mult": 0.25},
 }
 CASES = [(name, (3, 32, 32)) for name in MODEL_NAMES] + [
@@ -129,6 +130,17 @@ def _torchvision_mobilenet_v2_keys() -> list[str]:
     return keys + cbr("features.18") + ["classifier.1.weight", "classifier.1.bias"]
 
 
+def test_resnet50_has_torchvision_resnet50s_size_and_keys():
+    """torchvision.models.resnet50(): 25,557,032 parameters, 320 state_dict entries, Bottleneck key names."""
+    model = build_model("resnet50-imagenet", 1000, (3, 224, 224))
+    sd = model.state_dict()
+    assert sum(p.numel() for p in model.parameters()) == 25_557_032 and len(sd) == 320
+    assert tuple(sd["layer1.0.conv3.weight"].shape) == (256, 64, 1, 1)
+    assert tuple(sd["layer4.2.conv2.weight"].shape) == (512, 512, 3, 3)
+    assert tuple(sd["layer4.0.downsample.0.weight"].shape) == (2048, 1024, 1, 1)
+    assert tuple(sd["fc.weight"].shape) == (1000, 2048)
+
+
 def test_resnet18_matches_torchvision_state_dict():
     torch.manual_seed(0)
     model = build_model("resnet18-imagenet", 1000, (3, 224, 224))
@@ -210,7 +222,8 @@ def test_resolved_defaults():
 
 
 @pytest.mark.parametrize("args,kwargs,match", [
-    (("vgg", 10, (3, 32, 32)), {}, "valid names: mlp, cnn, resnet18, resnet18-imagenet, mobilenetv2"),
+    (("vgg", 10, (3, 32, 32)), {},
+     "valid names: mlp, cnn, resnet18, resnet18-imagenet, resnet50-imagenet, mobilenetv2"),
     (("mlp", 10, (1, 8, 8)), {"width": 3}, "valid options: hidden"),
     (("mlp", 10, (1, 8, 8)), {"hidden": (0,)}, "positive int"),
     (("cnn", 10, (1, 8, 8)), {"channels": (4, 4, 4, 4)}, "shrink input"),

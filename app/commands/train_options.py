@@ -47,8 +47,9 @@ ArtifactsOpt = Annotated[Path | None, typer.Option(
     "you exported (e.g. on a device without torch). Without it, --model is exported on the fly and cached.")]
 MODEL_HELP = (
     "Model to export on the fly, in one of three forms. NAME: the zoo, mlp, cnn, resnet18, resnet18-imagenet, "
-    "mobilenetv2 (mlp/cnn suit digits; the ResNet/MobileNet suit 32x32 image datasets). torchvision:NAME: a "
-    "torchvision.models architecture, e.g. torchvision:resnet18, freshly initialised (never downloaded; "
+    "resnet50-imagenet, mobilenetv2 (mlp/cnn suit digits; the ResNet/MobileNet suit 32x32 image datasets, the "
+    "-imagenet ones 224x224). torchvision:NAME: a torchvision.models architecture, e.g. torchvision:resnet18, "
+    "freshly initialised (never downloaded; "
     "pretrained weights via --weights FILE); needs `pip install 'asyncfgd[vision]'`. PATH.py:FACTORY: a function "
     "or nn.Module class in your own file that returns the model; --config KEY=VALUE become its keyword "
     "arguments, and it gets num_classes if it has a parameter of that name.")
