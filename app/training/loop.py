@@ -162,7 +162,6 @@ class _SigintFlag:
 
 def _save(run_dir: Path, cfg: TrainConfig, model_spec: dict[str, Any], learner: Learner, progress: Progress,
           group: Group | None = None) -> None:
-    learner.before_eval()  # data-parallel: the ranks' BatchNorm statistics averaged into the checkpoint
     arrays, learner_meta = learner.state()  # distributed: gathered on rank 0
     if group is not None and not group.writer:
         return
@@ -230,7 +229,10 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
             raise TrainError(f"{run_dir} already holds a run; continue it with `--resume {run_dir}` or pick "
                              f"another --run-dir.")
 
-    fresh() if group is None else _agree(group, fresh)
+    if group is None:
+        fresh()
+    else:
+        _agree(group, fresh)
     run_log.check(cfg.log)  # a missing TensorBoard/MLflow library fails here, before any work
     data = load_dataset(cfg.data)
     rd = run_data(cfg, data)
@@ -363,6 +365,7 @@ def _loop(cfg: TrainConfig, run_dir: Path, rd: RunData, stream: BatchStream, lea
             if last:
                 for out in learner.finish():
                     stats.add(out)
+            # (data-parallel: this also averages the ranks' BatchNorm statistics, which the checkpoint saves)
             eval_loss, eval_acc = evaluate_split(learner, rd.eval)
             progress.elapsed_s = time.perf_counter() - started
             progress.history.append({
