@@ -45,7 +45,6 @@ class StageFGD(_Base):
         self.x: np.ndarray | None = None  # rank 0: the step entering now
         self.inbox: tuple[int, Pending | list[np.ndarray]] | None = None  # (step, input) for the next tick
         self.pending: tuple[int, np.ndarray] | None = None
-        self.busy_s = 0.0
 
     @property
     def runner(self) -> ModuleRunner:

@@ -10,6 +10,7 @@ import typer
 
 from asyncfgd.app.training import run_log
 from asyncfgd.app.training.config import TrainConfig
+from asyncfgd.app.training.distributed import MODES as DISTRIBUTED_MODES
 from asyncfgd.app.training.learners import STORE_TANGENTS_BUDGET
 from asyncfgd.runtime.contract import BN_MODES
 from asyncfgd.runtime.engine import BACKENDS, METHODS
@@ -163,7 +164,7 @@ FreezeUntilOpt = Annotated[str | None, typer.Option(
     "flatten, features.1) frozen: alpha 0 whatever --alpha-preset says, so they run forward only and never "
     "update; with --method bp their parameters get no gradient. For fine-tuning: freeze the pretrained body "
     "and cut it from the head with --split HEAD_LAYER.")]
-DistributedOpt = Annotated[Literal["data", "pipeline"] | None, typer.Option(
+DistributedOpt = Annotated[Literal[DISTRIBUTED_MODES] | None, typer.Option(
     help="Under torchrun (docs/distributed.md): data = every rank trains on its shard of each global batch and "
     "the ranks exchange m + 3 numbers a step (fgd, asyncfgd); pipeline = rank k runs module k of the AsyncFGD "
     "pipeline (world size = --modules). Rank 0 writes the run directory. Needs torch on every device.",

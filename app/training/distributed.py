@@ -19,7 +19,7 @@ import datetime
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -56,7 +56,7 @@ class Group:
 
     rank: int
     world: int
-    timeout_s: float
+    _beat: float = field(default=0.0, repr=False)  # when this rank last reported its progress
 
     @property
     def writer(self) -> bool:
@@ -73,7 +73,7 @@ class Group:
     def heartbeat(self, step: int) -> None:
         """Tell the rendezvous store how far this rank has come (at most every HEARTBEAT_S)."""
         now = time.time()
-        if now - getattr(self, "_beat", 0.0) >= HEARTBEAT_S:
+        if now - self._beat >= HEARTBEAT_S:
             self._beat = now
             _store().set(f"asyncfgd/alive/{self.rank}", f"{step} {now:.3f}")
 
@@ -126,7 +126,7 @@ def join(timeout_s: float) -> Group:
         raise Stopped
 
     signal.signal(signal.SIGTERM, stop)
-    return Group(dist.get_rank(), dist.get_world_size(), timeout_s)
+    return Group(dist.get_rank(), dist.get_world_size())
 
 
 def leave() -> None:
