@@ -12,9 +12,8 @@ torch is imported when a reducer is made (the single-process runtime never impor
 the weight-perturbed methods (``fgd``, ``asyncfgd``) combine this way: their update is made of
 the m scalars and the seeded tangents. The local methods' updates are gradient estimates of D
 floats (the local-activity method's, or the local heads' own d per module), so they would need
-DDP's all_reduce of whole gradients; they are refused (``engine.make_scheduler``). So are models
-with dropout for now: the scheduler draws a step's masks for samples 0..n−1 of what it is fed, and
-a rank's shard would need them keyed by global sample index (``draw_masks``'s ``sample_offset``).
+DDP's all_reduce of whole gradients; they are refused (``engine.make_scheduler``). Dropout works:
+a rank feeds its shard with ``offset`` = its first sample's global index, which keys the masks.
 """
 from __future__ import annotations
 

@@ -105,13 +105,27 @@ def runtime_state(runners: list[Any], scheduler: Any) -> tuple[Arrays, dict[str,
         arrays.update({f"buffer/{n}": r.to_host(b) for n, b in r.buffers.items()})
     for r, opt in zip(runners, scheduler.optimizers, strict=True):
         arrays.update({f"optim/{r.index}/{key}": np.asarray(v) for key, v in opt.state_dict().items()})
-    flight = []
-    for i, f in enumerate(sched.get("in_flight", [])):
-        arrays[f"flight/{i}/h"], arrays[f"flight/{i}/labels"] = f["h"], f["labels"]
+    return with_in_flight(arrays, sched["next_step"], sched.get("in_flight", []))
+
+
+def with_in_flight(arrays: Arrays, next_step: int, flights: list[dict[str, Any]]) -> tuple[Arrays, dict[str, Any]]:
+    """A runtime state: ``arrays`` (weights, optimizer state; any ``flight/`` entries replaced) plus the
+    scheduler's in-flight mini-batches ``flights``, stored in module order."""
+    out = {k: v for k, v in arrays.items() if not k.startswith("flight/")}
+    meta = []
+    for i, f in enumerate(sorted(flights, key=lambda f: f["module"])):
+        out[f"flight/{i}/h"], out[f"flight/{i}/labels"] = f["h"], f["labels"]
         if f["h_dot"] is not None:
-            arrays[f"flight/{i}/h_dot"] = f["h_dot"]
-        flight.append({"module": f["module"], "step": f["step"]})
-    return arrays, {"next_step": sched["next_step"], "in_flight": flight}
+            out[f"flight/{i}/h_dot"] = f["h_dot"]
+        meta.append({"module": f["module"], "step": f["step"], "offset": f.get("offset", 0)})
+    return out, {"next_step": next_step, "in_flight": meta}
+
+
+def in_flight(arrays: Arrays, state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The in-flight mini-batches of a runtime state, as the schedulers' ``load_state_dict`` takes them."""
+    return [{"module": f["module"], "step": f["step"], "offset": f.get("offset", 0), "h": arrays[f"flight/{i}/h"],
+             "labels": arrays[f"flight/{i}/labels"], "h_dot": arrays.get(f"flight/{i}/h_dot")}
+            for i, f in enumerate(state["in_flight"])]
 
 
 def restore_runtime_state(arrays: Arrays, state: dict[str, Any], runners: list[Any], scheduler: Any) -> None:
@@ -130,7 +144,4 @@ def restore_runtime_state(arrays: Arrays, state: dict[str, Any], runners: list[A
             opt.load_state_dict(section(arrays, f"optim/{r.index}"))
     except ValueError as exc:
         raise CheckpointError(f"the checkpoint's optimizer state does not fit this run ({exc}).") from None
-    flight = [{"module": f["module"], "step": f["step"], "offset": f.get("offset", 0), "h": arrays[f"flight/{i}/h"],
-               "labels": arrays[f"flight/{i}/labels"], "h_dot": arrays.get(f"flight/{i}/h_dot")}
-              for i, f in enumerate(state["in_flight"])]
-    scheduler.load_state_dict({"next_step": state["next_step"], "in_flight": flight})
+    scheduler.load_state_dict({"next_step": state["next_step"], "in_flight": in_flight(arrays, state)})

@@ -164,25 +164,6 @@ def check(cfg: TrainConfig, group: Group | None, modules: int) -> None:
                              f"export with --modules {world}; this launch has {world}.")
 
 
-def _flights(meta: dict[str, Any], arrays: checkpoint.Arrays) -> list[dict[str, Any]]:
-    return [{"module": f["module"], "step": f["step"], "h": arrays[f"flight/{i}/h"],
-             "labels": arrays[f"flight/{i}/labels"], "h_dot": arrays.get(f"flight/{i}/h_dot")}
-            for i, f in enumerate(meta["in_flight"])]
-
-
-def _with_flights(arrays: checkpoint.Arrays, next_step: int, flights: list[dict[str, Any]]
-                  ) -> tuple[checkpoint.Arrays, dict[str, Any]]:
-    """A single-process runtime state from weights/optimizer ``arrays`` and the in-flight entries."""
-    out = {k: v for k, v in arrays.items() if not k.startswith("flight/")}
-    for i, f in enumerate(sorted(flights, key=lambda f: f["module"])):
-        out[f"flight/{i}/h"], out[f"flight/{i}/labels"] = f["h"], f["labels"]
-        if f["h_dot"] is not None:
-            out[f"flight/{i}/h_dot"] = f["h_dot"]
-    return out, {"next_step": next_step, "in_flight": [{"module": f["module"], "step": f["step"],
-                                                        "offset": f.get("offset", 0)}
-                                                       for f in sorted(flights, key=lambda f: f["module"])]}
-
-
 class DataParallelLearner(FgdLearner):
     """FGD on this rank's shard of every global mini-batch; identical weights on every rank."""
 
@@ -214,7 +195,7 @@ class DataParallelLearner(FgdLearner):
     def state(self) -> tuple[checkpoint.Arrays, dict[str, Any]]:
         """Rank 0's weights with every rank's share of the in-flight mini-batches put back together."""
         arrays, meta = super().state()
-        parts = gather(_flights(meta, arrays))
+        parts = gather(checkpoint.in_flight(arrays, meta))
         if parts is None:
             return {}, {}
         joined = []
@@ -223,16 +204,16 @@ class DataParallelLearner(FgdLearner):
             joined.append({**f, "h": np.concatenate([p["h"] for p in pieces]),
                            "labels": np.concatenate([p["labels"] for p in pieces]),
                            "h_dot": None if f["h_dot"] is None else np.concatenate([p["h_dot"] for p in pieces], 1)})
-        return _with_flights(arrays, meta["next_step"], joined)
+        return checkpoint.with_in_flight(arrays, meta["next_step"], joined)
 
     def load_state(self, arrays: checkpoint.Arrays, meta: dict[str, Any]) -> None:
         """Every rank takes its shard of each in-flight mini-batch (with this run's world size)."""
         flights = []
-        for f in _flights(meta, arrays):
+        for f in checkpoint.in_flight(arrays, meta):
             mine = shard(len(f["labels"]), self.group.rank, self.group.world)
             flights.append({**f, "h": f["h"][mine], "labels": f["labels"][mine], "offset": mine.start,
                             "h_dot": None if f["h_dot"] is None else f["h_dot"][:, mine]})
-        super().load_state(*_with_flights(arrays, meta["next_step"], flights))
+        super().load_state(*checkpoint.with_in_flight(arrays, meta["next_step"], flights))
 
 
 class PipelineLearner:
@@ -270,13 +251,13 @@ class PipelineLearner:
     def state(self) -> tuple[checkpoint.Arrays, dict[str, Any]]:
         """Every module's weights, optimizer state and pending input, gathered on rank 0."""
         arrays, meta = checkpoint.runtime_state([self.runner], self.stage)
-        parts = gather((arrays, _flights(meta, arrays)))
+        parts = gather((arrays, checkpoint.in_flight(arrays, meta)))
         if parts is None:
             return {}, {}
         merged: checkpoint.Arrays = {}
         for a, _ in parts:
             merged.update(a)
-        return _with_flights(merged, meta["next_step"], [f for _, fl in parts for f in fl])
+        return checkpoint.with_in_flight(merged, meta["next_step"], [f for _, fl in parts for f in fl])
 
     def load_state(self, arrays: checkpoint.Arrays, meta: dict[str, Any]) -> None:
         checkpoint.restore_runtime_state(arrays, meta, [self.runner], self.stage)
