@@ -14,25 +14,32 @@ METHODS = ("fgd", "asyncfgd", LOCAL_METHOD, ACTIVITY_METHOD)
 BACKENDS = ("onnxruntime", "torch", "torch-cuda", "tensorrt")
 
 
-def make_backend(name: str) -> Backend:
-    """Backends are imported on demand so that choosing ONNX Runtime never imports torch."""
+def make_backend(name: str, memory: str = "fast") -> Backend:
+    """Backends are imported on demand so that choosing ONNX Runtime never imports torch.
+
+    ``memory`` is ONNX Runtime's memory mode (host_memory.MEMORY_MODES); the other backends
+    manage their device memory themselves and take only the default.
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name != "onnxruntime" and memory != "fast":
+        raise ValueError(f"memory mode {memory!r} is an ONNX Runtime setting; backend {name!r} takes only 'fast'")
     if name == "onnxruntime":
         from .ort_backend import OrtBackend
 
-        return OrtBackend()
+        return OrtBackend(memory)
     if name in ("torch", "torch-cuda"):
         from .torch_backend import TorchBackend
 
         return TorchBackend("cuda" if name == "torch-cuda" else "cpu")
-    if name == "tensorrt":
-        from .trt.backend import TrtBackend
+    from .trt.backend import TrtBackend
 
-        return TrtBackend()
-    raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return TrtBackend()
 
 
-def load_runners(artifacts: Artifacts, backend: str = "onnxruntime", threads: int | None = None) -> list[ModuleRunner]:
-    b = make_backend(backend)
+def load_runners(artifacts: Artifacts, backend: str = "onnxruntime", threads: int | None = None,
+                 memory: str = "fast") -> list[ModuleRunner]:
+    b = make_backend(backend, memory)
     return [b.load_module(artifacts, i, artifacts.tangents, threads) for i in range(len(artifacts.modules))]
 
 

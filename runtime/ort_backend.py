@@ -12,6 +12,8 @@ A module's weights, its tangents and its re-created tangents each live in one co
 Memory (measured on ResNet-18, batch 64, docs/performance.md):
 - sessions are created on a role's first run, so a training run never builds eval sessions and
   their thread pools, and evaluation-only use builds no dual ones;
+- two memory modes (``host_memory.MEMORY_MODES``): the default keeps ONNX Runtime's arena, ``lean`` trades
+  speed for a resident set close to the live tensors;
 - no layout optimisations (``ORT_ENABLE_EXTENDED``): the NCHWc layout copies cost memory, not speed;
 - ``PRIORITY_BASED`` execution order and no memory patterns: with ORT's default order (branches
   run far ahead of their consumers) and a memory pattern (one block reserved for the first run's
@@ -28,6 +30,7 @@ Memory (measured on ResNet-18, batch 64, docs/performance.md):
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,12 +41,19 @@ from . import contract as c
 from .artifacts import Artifacts
 from .backend import RunResult, updated_stats
 from .buffers import flat_views
+from .host_memory import check_memory_mode, pin_mmap_threshold
 
 ORT_THREADS_DEFAULT = 0  # 0 = ONNX Runtime's own choice (all physical cores)
 
 
-def session_options(threads: int | None) -> ort.SessionOptions:
-    """Options for every session: ``threads`` intra-op threads, the memory settings above."""
+def session_options(threads: int | None, memory: str = "fast") -> ort.SessionOptions:
+    """Options for every session: ``threads`` intra-op threads, the memory settings above.
+
+    Buffer reuse is off in ``lean`` too: ONNX Runtime keeps a dead tensor's buffer from its last use
+    until a later tensor of the same size takes it over, and on ResNet-50 those waiting buffers
+    held more than the allocator's own overhead.
+    """
+    check_memory_mode(memory)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = ORT_THREADS_DEFAULT if threads is None else threads
     opts.inter_op_num_threads = 1
@@ -53,13 +63,17 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     # no layout optimisations (ENABLE_ALL's NCHWc conversion inserts reordered copies of the widest
     # activations: +122 MB on ResNet-18 at 224/batch 16, at the same speed; docs/performance.md)
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    if memory == "lean":
+        opts.enable_cpu_mem_arena = False
+        opts.enable_mem_reuse = False
     return opts
 
 
 class OrtModuleRunner:
     xp = np
 
-    def __init__(self, artifacts: Artifacts, index: int, tangents: int, threads: int | None = None) -> None:
+    def __init__(self, artifacts: Artifacts, index: int, tangents: int, threads: int | None = None,
+                 memory: str = "fast") -> None:
         info = artifacts.modules[index]
         self.index, self.is_last, self.info = index, info.is_last, info
         self.dropout, self.activity = info.dropout, info.activity
@@ -75,7 +89,7 @@ class OrtModuleRunner:
         self._estimates: dict[str, tuple[np.ndarray, ort.OrtValue]] | None = None  # activity role's g outputs
         self.grads = {n: u[0] for n, u in (self.tangents if self.is_last else self.scratch).items()}
         self.buffers = {n: artifacts.weights[n].copy() for n in info.buffer_names}
-        self._opts = session_options(threads)
+        self._opts = session_options(threads, memory)
         self._graphs = {role: artifacts.graph_bytes(index, role) for role in info.graphs}  # checked now, built on use
         self.sessions: dict[str, ort.InferenceSession] = {}
         self._bindings: dict[str, ort.IOBinding] = {}
@@ -182,5 +196,12 @@ class OrtModuleRunner:
 class OrtBackend:
     name = "onnxruntime"
 
+    def __init__(self, memory: str = "fast") -> None:
+        check_memory_mode(memory)
+        self.memory = memory
+        if memory == "lean" and not pin_mmap_threshold():
+            warnings.warn("--memory lean: the C library is not glibc, so freed blocks stay with its allocator; "
+                          "only ONNX Runtime's arena and buffer reuse are turned off", RuntimeWarning, stacklevel=2)
+
     def load_module(self, artifacts: Artifacts, index: int, tangents: int, threads: int | None) -> OrtModuleRunner:
-        return OrtModuleRunner(artifacts, index, tangents, threads)
+        return OrtModuleRunner(artifacts, index, tangents, threads, self.memory)

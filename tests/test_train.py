@@ -26,6 +26,7 @@ from asyncfgd.app.training.artifact_cache import ExportOptions, cached_artifacts
 from asyncfgd.app.training.config import TrainConfig
 from asyncfgd.app.training.data import BatchStream, load_dataset
 from asyncfgd.exporter.models import build_model
+from asyncfgd.runtime import ort_backend
 from asyncfgd.runtime.artifacts import load_artifacts
 from asyncfgd.runtime.engine import load_runners
 from asyncfgd.runtime.scheduler import evaluate
@@ -205,6 +206,33 @@ def test_ctrl_c_saves_mid_epoch_and_resume_is_bit_identical(art: Path, uninterru
     result = _invoke(["train", "--resume", str(run_dir)])
     assert result.exit_code == 0, result.output
     _assert_same_run(run_dir, uninterrupted)
+
+
+def test_memory_mode_may_change_on_resume_and_changes_no_number(art: Path, uninterrupted: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch):
+    """Ctrl-C a --memory lean run mid-epoch, resume it with --memory fast: the uninterrupted default run."""
+    run_dir = tmp_path / "lean"
+    feed, calls = learners.FgdLearner.feed, []
+
+    def feed_then_ctrl_c(self, x, y):
+        calls.append(1)
+        if len(calls) == STEPS_PER_EPOCH + 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return feed(self, x, y)
+
+    monkeypatch.setattr(learners.FgdLearner, "feed", feed_then_ctrl_c)
+    monkeypatch.setattr(ort_backend, "pin_mmap_threshold", lambda: True)  # process-wide; tested in test_host_memory
+    assert _invoke(_args(art, run_dir, "--memory", "lean")).exit_code == 130
+    assert json.loads((run_dir / "config.json").read_text())["memory"] == "lean"
+    monkeypatch.undo()
+    result = _invoke(["train", "--resume", str(run_dir), "--memory", "fast"])
+    assert result.exit_code == 0, result.output
+    _assert_same_run(run_dir, uninterrupted)
+
+
+def test_memory_mode_is_refused_for_other_backends(art: Path, tmp_path: Path):
+    result = _invoke(_args(art, tmp_path / "r", "--memory", "lean", "--backend", "torch"))
+    assert result.exit_code == 2 and "ONNX Runtime setting" in result.output and "Traceback" not in result.output
 
 
 def test_resume_refuses_changed_settings(uninterrupted: Path):

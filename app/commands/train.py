@@ -39,6 +39,7 @@ from asyncfgd.app.commands.train_options import (
     LogOpt,
     LrOpt,
     LrScheduleOpt,
+    MemoryOpt,
     MethodOpt,
     ModelOpt,
     ModulesOpt,
@@ -85,8 +86,8 @@ def _flags(names: list[str]) -> str:
     return ", ".join("--" + n.replace("_", "-") for n in names)
 
 
-#: what --resume may change: the length of the run and how it is watched
-RESUME_MAY_CHANGE = ("epochs", "log", "log_every")
+#: what --resume may change: the length of the run, how it is held in memory and how it is watched
+RESUME_MAY_CHANGE = ("epochs", "memory", "log", "log_every")
 #: how a run is launched, not what it computes (never saved)
 LAUNCH_OPTIONS = ("dist_timeout",)
 DIST_TIMEOUT_S = 600.0
@@ -121,6 +122,8 @@ def new_config(ctx: typer.Context) -> TrainConfig:
     perturb = parse_perturb(p.get("perturb"))
     if perturb and method != ACTIVITY_METHOD:
         fail("--perturb chooses how the local-activity method perturbs a layer; add --method local-activity")
+    if p.get("memory", D.memory) != D.memory and p.get("backend", D.backend) != "onnxruntime":
+        fail(f"--memory {p['memory']} is an ONNX Runtime setting; drop it or use --backend onnxruntime")
     return TrainConfig(**{**{f.name: p[f.name] for f in fields(TrainConfig) if f.name in p},
                           **defaults, "perturb": perturb,
                           "lr": D.lr if lr == AUTO else lr,
@@ -170,6 +173,7 @@ def train_cmd(
     drift_check_every: DriftCheckEveryOpt = D.drift_check_every,
     dist_timeout: DistTimeoutOpt = DIST_TIMEOUT_S,
     run_dir: RunDirOpt = None,
+    memory: MemoryOpt = D.memory,
     resume: ResumeOpt = None,
     log: LogOpt = None,
     log_every: LogEveryOpt = None,

@@ -73,7 +73,8 @@ class TrainConfig:
     distributed: str | None = None  # under torchrun: "data" (shards of each batch) or "pipeline" (rank k: module k)
     drift_check_every: int = 200  # data-parallel: steps between comparisons of the ranks' weight digests
     run_dir: str = ""
-    # how the run is watched (no effect on the weights; may change on --resume)
+    # how the run is watched and held in memory (no effect on the weights; may change on --resume)
+    memory: str = "fast"  # ONNX Runtime's memory mode (runtime/host_memory.py): fast or lean
     log: list[str] = field(default_factory=list)  # run logs besides metrics.csv (--log): tensorboard, mlflow
     log_every: int | None = None  # a console summary line every N epochs; None: max(1, epochs // 10)
 

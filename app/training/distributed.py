@@ -222,7 +222,7 @@ class PipelineLearner:
     def __init__(self, arts: Artifacts, cfg: TrainConfig, steps_per_epoch: int, group: Group) -> None:
         k = group.rank
         self.group, self.num_classes = group, arts.num_classes
-        self.runner = make_backend(cfg.backend).load_module(arts, k, arts.tangents, cfg.threads or None)
+        self.runner = make_backend(cfg.backend, cfg.memory).load_module(arts, k, arts.tangents, cfg.threads or None)
         lr = cfg.lr_fn(steps_per_epoch)
         opt = make_optimizer(cfg.optimizer, self.runner.params, self.runner.xp, lr=lr(0), **cfg.optimizer_kw())
         self._alpha = alpha_fn(arts, cfg, steps_per_epoch)

@@ -93,7 +93,7 @@ class FgdLearner:
     """Sync FGD or AsyncFGD on the runtime (ONNX Runtime or torch backend)."""
 
     def __init__(self, arts: Artifacts, cfg: TrainConfig, steps_per_epoch: int, reduce: Reducer | None = None) -> None:
-        self.runners = load_runners(arts, cfg.backend, cfg.threads or None)
+        self.runners = load_runners(arts, cfg.backend, cfg.threads or None, cfg.memory)
         alpha = alpha_fn(arts, cfg, steps_per_epoch)
         self.scheduler = make_scheduler(self.runners, cfg.method, cfg.optimizer, cfg.lr_fn(steps_per_epoch), alpha,
                                         Perturbation(cfg.seed, cfg.tangent_mode, store_tangents(cfg, arts)),
