@@ -5,6 +5,7 @@ No timing thresholds: the numbers are only checked for being there and positive.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def test_report_has_every_method_with_numbers(report):
-    assert list(report["methods"]) == list(bench_worker.METHODS)
+    assert list(report["methods"]) == list(bench_worker.DEFAULT_METHODS)
     json.dumps(report)  # serialisable as it is
     for name, r in report["methods"].items():
         if name == "bp-ort":
@@ -69,7 +70,7 @@ def test_missing_ort_training_venv_is_a_row_not_a_crash(report):
 
 def test_table_and_memory_model_print_every_row(report):
     table = format_table(report)
-    for name in bench_worker.METHODS:
+    for name in bench_worker.DEFAULT_METHODS:
         assert name in table
     assert "not installed" in table
     mem = format_memory_model(report)
@@ -80,6 +81,17 @@ def test_plot_is_written(report, tmp_path):
     out = tmp_path / "bench.png"
     write_plot(report, out)
     assert out.read_bytes()[:8] == PNG
+
+
+def test_lean_rows_run_the_same_methods_in_the_lean_memory_mode(report, tmp_path):
+    cfg = BenchConfig(**{**TINY, "repeats": 1}, methods=["fgd-lean", "asyncfgd-lean"])
+    lean = run_bench(cfg, tmp_path, log=lambda _: None)["methods"]
+    for name in ("fgd", "asyncfgd"):
+        row, default = lean[name + "-lean"], report["methods"][name]
+        assert row["samples_per_s"] > 0 and row["peak_rss_mb"] >= row["baseline_rss_mb"] > 0
+        assert row["predicted_mb"] == pytest.approx(default["predicted_mb"])  # the same model, the same bytes
+    assert set(lean["fgd-lean"]["threads_tried"]) == {"1", str(os.cpu_count())}
+    assert len(lean["asyncfgd-lean"]["busy_s"]) == TINY["modules"]
 
 
 def test_failing_worker_is_reported_and_the_rest_still_run(tmp_path):

@@ -66,6 +66,20 @@ def test_choice_prefers_batch_then_pipeline_then_tangents():
     assert best is None and "nothing fits in 100 MB" in why and "200 MB" in why
 
 
+def test_lean_candidates_are_optional_and_chosen_only_when_nothing_else_fits():
+    curve = _curve()
+    assert set(calibrate(curve).lines) == {"fgd", "asyncfgd"}  # a calibration without lean points still works
+    curve["curves"]["fgd-lean"] = [dict(p, peak_rss_mb=p["peak_rss_mb"] - 20) for p in curve["curves"]["fgd"]]
+    cal = calibrate(curve)
+    assert cal.lines["fgd-lean"] == pytest.approx((1.2, -10.0)) and "asyncfgd-lean" not in cal.lines
+    assert {r["method"] for r in check(cal, curve)} == {"fgd", "asyncfgd", "fgd-lean"}
+    options = [_cand("fgd", 1, 1, 32, 300), _cand("fgd-lean", 1, 1, 32, 280), _cand("fgd-lean", 1, 1, 64, 390)]
+    best, why = choose(options, memory_mb=400, max_batch=64)
+    assert best is not None and best.method == "fgd" and best.batch == 32 and "lean" not in why
+    best, why = choose(options, memory_mb=290, max_batch=64)
+    assert best is not None and best.method == "fgd-lean" and "train --memory lean" in why
+
+
 def test_plan_cli_chooses_within_the_budget(tmp_path: Path):
     """A cnn on 1x8x8 inputs against a calibration where the arena holds exactly the model's bytes: the
     plan's predicted peaks are baseline + the model's bytes, and the chosen candidate is one that fits."""
@@ -79,6 +93,12 @@ def test_plan_cli_chooses_within_the_budget(tmp_path: Path):
                                    "--input-shape", "1,8,8", "--batches", "8,64", "--tangents", "1"])
     assert res.exit_code == 0, res.output
     assert "chosen:" in res.output and "predicted peak" in res.output
+    lean = [dict(p, peak_rss_mb=p["peak_rss_mb"] - 2) for p in points]
+    cal.write_text(json.dumps({"model": "cnn", "curves": {**curve["curves"], "fgd-lean": lean}}))
+    res = CliRunner().invoke(app, ["plan", "--calibration", str(cal), "--memory", "59", "--model", "cnn",
+                                   "--input-shape", "1,8,8", "--batches", "8,64", "--tangents", "1"])
+    assert res.exit_code == 0, res.output
+    assert "chosen: fgd-lean" in res.output and res.output.rstrip().endswith("--memory lean")
     res = CliRunner().invoke(app, ["plan", "--calibration", str(cal), "--memory", "10", "--model", "cnn",
                                    "--input-shape", "1,8,8", "--batches", "8", "--tangents", "1"])
     assert res.exit_code != 0 and "nothing fits" in res.output

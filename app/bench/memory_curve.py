@@ -20,6 +20,7 @@ import numpy as np
 
 from asyncfgd.app.bench.memory_model import graph_live, predict
 from asyncfgd.app.bench.run import BenchConfig, export_artifacts, run_worker, worker_cmd
+from asyncfgd.app.bench.worker import runtime_method
 
 CURVE_METHODS = ("bp-torch", "fgd", "asyncfgd")
 
@@ -32,14 +33,14 @@ def run_memory_curve(cfg: BenchConfig, batches: Sequence[int], root: Path,
     manifests = {k: _manifest(d) for k, d in dirs.items()}
     curves: dict[str, list[dict[str, Any]]] = {m: [] for m in cfg.methods}
     for method in cfg.methods:
-        k = cfg.modules if method == "asyncfgd" else 1
+        k, base = cfg.modules if cfg.pipelined(method) else 1, runtime_method(method)[0]
         for batch in batches:
             log(f"  {method}, batch {batch} ...")
             point = replace(cfg, batch=batch, steps=1, repeats=1, warmup=max(1, k))
-            threads = 1 if method == "asyncfgd" else cfg.threads
+            threads = 1 if cfg.pipelined(method) else cfg.threads
             r = run_worker(worker_cmd(sys.executable, method, dirs[k], point, threads), cfg.timeout_s)
-            live = graph_live(dirs[k], manifests[k], batch) if method in ("fgd", "asyncfgd") else None
-            model = predict(manifests[k], method, batch, live=live)
+            live = graph_live(dirs[k], manifests[k], batch) if base in ("fgd", "asyncfgd") else None
+            model = predict(manifests[k], base, batch, live=live)
             curves[method].append({"batch": batch, "peak_rss_mb": r["peak_rss_mb"],
                                    "baseline_rss_mb": r["baseline_rss_mb"], "model_mb": model.total / 2**20,
                                    "arrays_mb": model.arrays / 2**20})
@@ -60,10 +61,10 @@ def slope(points: list[dict[str, Any]]) -> tuple[float, float]:
 
 def format_curve(curves: dict[str, list[dict[str, Any]]]) -> str:
     batches = [p["batch"] for p in next(iter(curves.values()))]
-    lines = [f"{'method':9} " + " ".join(f"{b:>7}" for b in batches) + f" {'MB/sample':>10} {'intercept':>9}"]
+    lines = [f"{'method':13} " + " ".join(f"{b:>7}" for b in batches) + f" {'MB/sample':>10} {'intercept':>9}"]
     for method, points in curves.items():
         per_sample, intercept = slope(points)
-        lines.append(f"{method:9} " + " ".join(f"{p['peak_rss_mb']:7.0f}" for p in points)
+        lines.append(f"{method:13} " + " ".join(f"{p['peak_rss_mb']:7.0f}" for p in points)
                      + f" {per_sample:10.2f} {intercept:9.0f}")
     lines.append("peak RSS in MB per batch size; the slope and intercept of a least-squares line through them")
     return "\n".join(lines)

@@ -11,7 +11,9 @@ per method a least-squares line through the points fits arena = r·rest + c, wit
 
 The choice, among the candidates that fit: the largest batch up to ``max_batch`` (a bigger batch
 is the cheapest throughput), then asyncfgd (its modules run concurrently) before sync FGD, then
-the largest m (lower-variance estimates; the step costs about m passes).
+the largest m (lower-variance estimates; the step costs about m passes). Candidates in the lean
+memory mode (``train --memory lean``) exist when the calibration measured fgd-lean and
+asyncfgd-lean; being slower, they are chosen only when nothing fits in the default mode.
 """
 from __future__ import annotations
 
@@ -24,8 +26,10 @@ from typing import Any
 import numpy as np
 
 from asyncfgd.app.bench.memory_model import graph_live, predict
+from asyncfgd.app.bench.worker import LEAN, runtime_method
 
 PLANNED_METHODS = ("fgd", "asyncfgd")
+LEAN_METHODS = tuple(m + LEAN for m in PLANNED_METHODS)  # optional in a calibration
 
 
 @dataclass
@@ -49,8 +53,10 @@ class PlanError(ValueError):
 def calibrate(curve: dict[str, Any], batches: Sequence[int] | None = None) -> Calibration:
     """Fit each method's line through the points of a bench-memory JSON (only ``batches`` if given)."""
     lines, baselines, used = {}, [], set()
-    for method in PLANNED_METHODS:
+    for method in (*PLANNED_METHODS, *LEAN_METHODS):
         points = [p for p in curve["curves"].get(method, []) if batches is None or p["batch"] in batches]
+        if method in LEAN_METHODS and len(points) < 2:
+            continue
         if len(points) < 2:
             raise PlanError(f"the calibration needs at least two {method} points of bench-memory "
                             f"(got {len(points)}); run `asyncfgd-app bench-memory --json FILE` with fgd and asyncfgd")
@@ -96,24 +102,32 @@ def candidates(exports: dict[tuple[int, int], Path], batches: Sequence[int], cal
         for batch in batches:
             pred = predict(manifest, method, batch, live=graph_live(root, manifest, batch))
             model, arrays = pred.total / 2**20, pred.arrays / 2**20
-            out.append(Candidate(method, modules, m, batch, model, arrays, cal.peak(method, model, arrays)))
+            for variant in (method, method + LEAN):
+                if variant in cal.lines:
+                    out.append(Candidate(variant, modules, m, batch, model, arrays, cal.peak(variant, model, arrays)))
     return out
 
 
 def choose(options: list[Candidate], memory_mb: float, max_batch: int) -> tuple[Candidate | None, str]:
     """The planner's pick among the candidates that fit, and why."""
     fits = [c for c in options if c.peak_mb <= memory_mb and c.batch <= max_batch]
+    fast = [c for c in fits if runtime_method(c.method)[1] == "fast"]
+    lean_only = bool(fits) and not fast
+    fits = fast or fits
     if not fits:
         smallest = min(options, key=lambda c: c.peak_mb)
         return None, (f"nothing fits in {memory_mb:.0f} MB: the smallest candidate ({smallest.method}, K = "
                       f"{smallest.modules}, m = {smallest.tangents}, batch {smallest.batch}) needs "
                       f"{smallest.peak_mb:.0f} MB. Try smaller batches (--batches) or a smaller model.")
-    best = max(fits, key=lambda c: (c.batch, c.method == "asyncfgd", c.tangents))
+    best = max(fits, key=lambda c: (c.batch, c.modules > 1, c.tangents))
     why = [f"batch {best.batch} is the largest that fits (at most --max-batch {max_batch})"]
+    if lean_only:
+        why.insert(0, "nothing fits in the default memory mode; the lean mode (train --memory lean) trades "
+                      "speed for memory (docs/performance.md)")
     same = [c for c in fits if c.batch == best.batch]
-    if best.method == "asyncfgd":
+    if best.modules > 1:
         why.append(f"asyncfgd with K = {best.modules} fits, and its modules run concurrently")
-    elif any(c.method == "asyncfgd" for c in options if c.batch == best.batch):
+    elif any(c.modules > 1 for c in options if c.batch == best.batch):
         why.append("asyncfgd does not fit at this batch, sync FGD does")
     if best.tangents > min(c.tangents for c in same):
         why.append(f"m = {best.tangents} is the most tangents that fit (lower-variance estimates)")
@@ -124,7 +138,7 @@ def check(cal: Calibration, curve: dict[str, Any]) -> list[dict[str, Any]]:
     """Predicted against measured peaks for every FGD point of a bench-memory JSON (another model's, or
     the calibration model's batches that were held out); each point's model bytes are in the JSON."""
     rows = []
-    for method in PLANNED_METHODS:
+    for method in (m for m in (*PLANNED_METHODS, *LEAN_METHODS) if m in cal.lines):
         for p in curve["curves"].get(method, []):
             predicted = cal.peak(method, p["model_mb"], p["arrays_mb"])
             rows.append({"method": method, "batch": p["batch"], "measured_mb": p["peak_rss_mb"],

@@ -45,7 +45,7 @@ class BenchConfig:
     steps: int = 3
     warmup: int = 2
     repeats: int = 3
-    methods: list[str] = field(default_factory=lambda: list(worker.METHODS))
+    methods: list[str] = field(default_factory=lambda: list(worker.DEFAULT_METHODS))
     input_shape: tuple[int, int, int] = (3, 32, 32)
     num_classes: int = 10
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
@@ -54,8 +54,12 @@ class BenchConfig:
     backend: str = "onnxruntime"
     device: str = "cpu"
 
+    def pipelined(self, method: str) -> bool:
+        return worker.runtime_method(method)[0] == "asyncfgd"
+
     def thread_choices(self, method: str) -> list[int]:
         """ORT single-stream methods get the better of 1 and all cores; AsyncFGD 1 per module."""
+        method = worker.runtime_method(method)[0]
         if method == "asyncfgd":
             return [1]
         if method in ("forward", "fgd", "bp-ort") and self.backend == "onnxruntime":
@@ -153,7 +157,7 @@ def run_worker(cmd: list[str], timeout_s: float) -> dict[str, Any]:
 
 
 def worker_cmd(python: str, method: str, artifacts: Path, cfg: BenchConfig, threads: int) -> list[str]:
-    warmup = max(cfg.warmup, cfg.modules) if method == "asyncfgd" else cfg.warmup  # fill the pipeline
+    warmup = max(cfg.warmup, cfg.modules) if cfg.pipelined(method) else cfg.warmup  # fill the pipeline
     entry = [str(Path(worker.__file__))] if method == "bp-ort" else ["-m", worker.__name__]
     return [python, *entry, method, "--artifacts", str(artifacts), "--batch", str(cfg.batch),
             "--steps", str(cfg.steps), "--warmup", str(warmup), "--repeats", str(cfg.repeats),
@@ -162,7 +166,7 @@ def worker_cmd(python: str, method: str, artifacts: Path, cfg: BenchConfig, thre
 
 def bench_method(method: str, cfg: BenchConfig, dirs: dict[int, Path], tmp: Path) -> dict[str, Any]:
     """The method's best run over its thread choices (all runs kept under ``threads_tried``)."""
-    python, artifacts = sys.executable, dirs[cfg.modules if method == "asyncfgd" else 1]
+    python, artifacts = sys.executable, dirs[cfg.modules if cfg.pipelined(method) else 1]
     if method == "bp-ort":
         python = str(venv_python(cfg.ort_venv))
         if not Path(python).exists():
@@ -195,9 +199,9 @@ def run_bench(cfg: BenchConfig, root: Path, log: Callable[[str], None] = print) 
         except WorkerError as exc:
             methods[method] = {"error": str(exc)}
         log(f"{method}: done in {time.perf_counter() - t0:.0f} s")
-        k = cfg.modules if method == "asyncfgd" else 1
-        live = graph_live(dirs[k], manifests[k], cfg.batch) if method in ("fgd", "asyncfgd") else None
-        pred = predict(manifests[k], method, cfg.batch, live=live)
+        k, base = cfg.modules if cfg.pipelined(method) else 1, worker.runtime_method(method)[0]
+        live = graph_live(dirs[k], manifests[k], cfg.batch) if base in ("fgd", "asyncfgd") else None
+        pred = predict(manifests[k], base, cfg.batch, live=live)
         methods[method].update(predicted_mb=pred.total / 2**20, predicted_parts_mb=pred.mb(),
                                predicted_layers_only_mb=pred.layers_only / 2**20)
     add_ratios(methods)
@@ -236,16 +240,16 @@ def format_table(report: dict[str, Any]) -> str:
     head = (f"{cfg['model']} {tuple(cfg['input_shape'])} batch {cfg['batch']}, AsyncFGD K={cfg['modules']}; "
             f"{report['machine']['cpus']} CPUs, load {report['machine']['load_avg_start']:.1f} -> "
             f"{report['machine']['load_avg_end']:.1f}")
-    cols = (f"{'method':10s} {'samples/s':>16s} {'vs bp-torch':>11s} {'vs fgd':>7s} {'thr':>3s} | "
+    cols = (f"{'method':13s} {'samples/s':>16s} {'vs bp-torch':>11s} {'vs fgd':>7s} {'thr':>3s} | "
             f"{'peak RSS MB':>11s} {'vs bp-torch':>11s} {'baseline':>8s} {'working':>7s} {'model':>6s} "
             f"{'meas/model':>10s} {'layers-only':>10s}")
     lines = [head, cols, "-" * len(cols)]
     for name, r in report["methods"].items():
         if r["samples_per_s"] is None:
-            lines.append(f"{name:10s} error: {r['error']}")
+            lines.append(f"{name:13s} error: {r['error']}")
             continue
         lines.append(
-            f"{name:10s} {r['samples_per_s']:8.1f} ± {r['spread']:5.1f} {_x(r['vs_bp_torch']):>11s} "
+            f"{name:13s} {r['samples_per_s']:8.1f} ± {r['spread']:5.1f} {_x(r['vs_bp_torch']):>11s} "
             f"{_x(r['vs_fgd']):>7s} {r['threads']:3d} | {r['peak_rss_mb']:11.0f} {_x(r['rss_vs_bp_torch']):>11s} "
             f"{r['baseline_rss_mb']:8.0f} {r['working_mb']:7.0f} {r['predicted_mb']:6.0f} "
             f"{r['measured_over_predicted']:9.2f}x {r['measured_over_layers_only']:9.2f}x"
@@ -261,7 +265,7 @@ def format_memory_model(report: dict[str, Any]) -> str:
     lines = ["memory model (MB):"]
     for name, r in report["methods"].items():
         parts = ", ".join(f"{k} {v:.1f}" for k, v in r["predicted_parts_mb"].items() if v)
-        lines.append(f"  {name:10s} {r['predicted_mb']:7.1f} = {parts}")
+        lines.append(f"  {name:13s} {r['predicted_mb']:7.1f} = {parts}")
     return "\n".join(lines)
 
 

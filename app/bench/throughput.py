@@ -36,9 +36,10 @@ class TrainingLoop:
     """A scheduler on synthetic data, ready to time: same inputs for every method."""
 
     def __init__(self, artifacts_dir: str | Path, method: str, batch: int, threads: int | None,
-                 optimizer: str = "adam", backend: str = "onnxruntime", store_tangents: bool = False) -> None:
+                 optimizer: str = "adam", backend: str = "onnxruntime", store_tangents: bool = False,
+                 memory: str = "fast") -> None:
         art = load_artifacts(artifacts_dir)
-        self.runners = load_runners(art, backend, threads=threads)
+        self.runners = load_runners(art, backend, threads=threads, memory=memory)
         self.sch = make_scheduler(self.runners, method, optimizer, lambda s: 1e-4, lambda k, s: 1.0,
                                   Perturbation(seed=0, store_tangents=store_tangents))
         self.x, labels = synthetic_batch(art.input_shape, art.num_classes, batch)

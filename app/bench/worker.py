@@ -25,7 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-METHODS = ("forward", "bp-torch", "bp-ort", "fgd-torch", "fgd", "asyncfgd")
+DEFAULT_METHODS = ("forward", "bp-torch", "bp-ort", "fgd-torch", "fgd", "asyncfgd")
+LEAN = "-lean"  # fgd-lean, asyncfgd-lean: the runtime in ONNX Runtime's lean memory mode (runtime/host_memory.py)
+METHODS = (*DEFAULT_METHODS, "fgd" + LEAN, "asyncfgd" + LEAN)
 PREPARE_BP_ORT = "prepare-bp-ort"
 ORT_BASE_MODEL = "base.onnx"  # bp-ort: the forward graph with weights as initializers (run.py writes it)
 ORT_META = "meta.json"  # bp-ort: {"trainable": the weight initializers' names}
@@ -50,6 +52,11 @@ def peak_rss_mb() -> float:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def runtime_method(method: str) -> tuple[str, str]:
+    """(the scheduler's method, the memory mode) of a runtime method: ``asyncfgd-lean`` -> (asyncfgd, lean)."""
+    return (method.removesuffix(LEAN), "lean") if method.endswith(LEAN) else (method, "fast")
 
 
 def measure(run: Step, batch: int, steps: int, warmup: int, repeats: int) -> dict[str, Any]:
@@ -103,9 +110,10 @@ def _runtime(a: argparse.Namespace, mark: Callable[[], None]) -> tuple[Step, dic
     from asyncfgd.app.bench.throughput import TrainingLoop
     from asyncfgd.runtime.engine import make_backend
 
-    make_backend(a.backend)  # imports the backend's libraries before the baseline
+    method, memory = runtime_method(a.method)
+    make_backend(a.backend, memory)  # imports the backend's libraries (and sets the memory mode) before the baseline
     mark()
-    loop = TrainingLoop(a.artifacts, a.method, a.batch, threads=a.threads, backend=a.backend)
+    loop = TrainingLoop(a.artifacts, method, a.batch, threads=a.threads, backend=a.backend, memory=memory)
     info: dict[str, Any] = {}
 
     def run(n: int) -> float:
@@ -226,8 +234,8 @@ def prepare_bp_ort(directory: Path) -> None:
     onnx.save(opt, path)
 
 
-SETUPS = {"forward": _forward, "fgd": _runtime, "asyncfgd": _runtime, "bp-torch": _torch, "fgd-torch": _torch,
-          "bp-ort": _bp_ort}
+SETUPS = {"forward": _forward, "fgd": _runtime, "asyncfgd": _runtime, "fgd" + LEAN: _runtime,
+          "asyncfgd" + LEAN: _runtime, "bp-torch": _torch, "fgd-torch": _torch, "bp-ort": _bp_ort}
 
 
 def device_peak_mb() -> float | None:

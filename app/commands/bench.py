@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from asyncfgd.app.bench.worker import METHODS
+from asyncfgd.app.bench.worker import DEFAULT_METHODS
 from asyncfgd.app.commands.common import parse_ints
 from asyncfgd.exporter.model_sources import FORMS
 
@@ -20,7 +20,8 @@ BENCH_HELP = (
     "Methods: forward (ONNX Runtime inference only, the floor); bp-torch (PyTorch autograd + Adam); bp-ort (ONNX "
     "Runtime's on-device training API, backprop + AdamW; needs --setup-ort-training once); fgd-torch (PyTorch "
     "forward-mode forward gradient + Adam); fgd (this runtime: sync FGD on ONNX Runtime, best of 1 and all "
-    "threads); asyncfgd (the K-module pipeline, one thread per module).\n\n"
+    "threads); asyncfgd (the K-module pipeline, one thread per module); fgd-lean and asyncfgd-lean (the same in "
+    "`train --memory lean`, not run unless named).\n\n"
     "Prints samples/s (median ± half-range of the repeats, warm-up excluded), peak RSS with the import baseline "
     "and the memory model's prediction, and ratios vs bp-torch and fgd; --json and --plot save them. Methods run "
     "one after another: compare numbers taken on a quiet machine (the load average is printed)."
@@ -36,7 +37,7 @@ def register(app: typer.Typer) -> None:
         steps: int = typer.Option(3, help="Timed training steps per repeat."),
         warmup: int = typer.Option(2, help="Untimed steps first (asyncfgd: at least K, to fill the pipeline)."),
         repeats: int = typer.Option(3, help="Timed repeats per method (median reported)."),
-        methods: str = typer.Option(",".join(METHODS), help="Comma-separated methods to run."),
+        methods: str = typer.Option(",".join(DEFAULT_METHODS), help="Comma-separated methods to run."),
         input_shape: str = typer.Option("3,32,32", help="Input C,H,W."),
         num_classes: int = typer.Option(10, help="Classes."),
         json_out: Path = typer.Option(None, "--json", help="Write the report as JSON."),

@@ -22,7 +22,8 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option("resnet18", help="Model: a zoo NAME, torchvision:NAME or PATH.py:FACTORY."),
         input_shape: str = typer.Option("3,32,32", help="C,H,W of the input."),
         batches: str = typer.Option("8,16,32,64,128", help="Comma-separated batch sizes."),
-        methods: str = typer.Option("bp-torch,fgd,asyncfgd", help="Comma-separated methods (as `bench`)."),
+        methods: str = typer.Option("bp-torch,fgd,asyncfgd",
+                                    help="Comma-separated methods (as `bench`, fgd-lean and asyncfgd-lean included)."),
         modules: int = typer.Option(2, help="Pipeline modules K for asyncfgd."),
         plot: Path = typer.Option(Path("memory-curve.png"), help="Where to write the plot (PNG)."),
         json_out: Path = typer.Option(None, "--json", help="Write the points as JSON."),
@@ -35,7 +36,8 @@ def register(app: typer.Typer) -> None:
         chosen = [m.strip() for m in methods.split(",") if m.strip()]
         unknown = [m for m in chosen if m not in METHODS or m == "bp-ort"]
         if unknown:
-            fail(f"unknown method(s) {', '.join(unknown)}; choose from bp-torch, forward, fgd-torch, fgd, asyncfgd")
+            fail(f"unknown method(s) {', '.join(unknown)}; choose from "
+                 f"{', '.join(m for m in METHODS if m != 'bp-ort')}")
         sizes = parse_ints(batches, "--batches", "8,16,32")
         if len(sizes) < 2:
             fail("--batches needs at least two sizes to fit a slope")

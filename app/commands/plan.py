@@ -17,7 +17,8 @@ HELP = """Pick the batch, pipeline modules K and tangents m that fit in --memory
 Predictions are the memory model's bytes for each candidate (app/bench/memory_model.py, with the dual graphs'
 liveness) turned into a peak RSS by a calibration: a `bench-memory --json` file of one model measured on this
 machine, at the input size you plan for (the arena's overhead differs between 32x32 and 224x224 inputs;
-docs/performance.md). Scope: CPU with ONNX Runtime; no GPU device profile yet.
+docs/performance.md). Scope: CPU with ONNX Runtime; no GPU device profile yet. A calibration that also measured
+fgd-lean and asyncfgd-lean adds `train --memory lean` candidates, chosen only when nothing else fits.
 --check FILE instead compares the calibration's predictions with the measured peaks of another bench-memory
 file (another model, or held-out batches)."""
 
@@ -37,6 +38,7 @@ def register(app: typer.Typer) -> None:
         check_file: Path = typer.Option(None, "--check", help="Compare predictions with this bench-memory JSON."),
     ) -> None:
         from asyncfgd.app.bench.planner import PlanError, calibrate, candidates, choose, load_curve
+        from asyncfgd.app.bench.worker import runtime_method
 
         try:
             only = parse_ints(calibrate_batches, "--calibrate-batches", "16,64") if calibrate_batches else None
@@ -64,16 +66,18 @@ def register(app: typer.Typer) -> None:
                                  balance_batch=max_batch)
             options = candidates(exports, sizes, cal)
         best, why = choose(options, memory, max_batch)
-        typer.echo(f"{'method':9} {'K':>2} {'m':>3} {'batch':>5} {'model MB':>9} {'predicted peak MB':>18}  fits")
+        typer.echo(f"{'method':13} {'K':>2} {'m':>3} {'batch':>5} {'model MB':>9} {'predicted peak MB':>18}  fits")
         for c in sorted(options, key=lambda c: (c.method, c.tangents, c.batch)):
-            typer.echo(f"{c.method:9} {c.modules:>2} {c.tangents:>3} {c.batch:>5} {c.model_mb:9.0f} "
+            typer.echo(f"{c.method:13} {c.modules:>2} {c.tangents:>3} {c.batch:>5} {c.model_mb:9.0f} "
                        f"{c.peak_mb:18.0f}  {'yes' if c.peak_mb <= memory else 'no'}")
         if best is None:
             fail(why)
+        method, mode = runtime_method(best.method)
         typer.echo(f"chosen: {best.method}, K = {best.modules}, m = {best.tangents}, batch {best.batch}. {why}")
         typer.echo(f"calibrated on {cal.model} (batches {', '.join(map(str, cal.batches))}) with baseline "
-                   f"{cal.baseline_mb:.0f} MB; train with: asyncfgd-app train --model {model} --method {best.method} "
-                   f"--modules {best.modules} --tangents {best.tangents} --batch-size {best.batch}")
+                   f"{cal.baseline_mb:.0f} MB; train with: asyncfgd-app train --model {model} --method {method} "
+                   f"--modules {best.modules} --tangents {best.tangents} --batch-size {best.batch}"
+                   + (f" --memory {mode}" if mode != "fast" else ""))
 
 
 def _check(cal: Calibration, curve: dict[str, Any]) -> None:
@@ -81,9 +85,9 @@ def _check(cal: Calibration, curve: dict[str, Any]) -> None:
 
     rows = check(cal, curve)
     typer.echo(f"calibrated on {cal.model} batches {', '.join(map(str, cal.batches))}; checking {curve.get('model')}")
-    typer.echo(f"{'method':9} {'batch':>5} {'measured MB':>11} {'predicted MB':>12} {'error':>7}")
+    typer.echo(f"{'method':13} {'batch':>5} {'measured MB':>11} {'predicted MB':>12} {'error':>7}")
     for r in rows:
-        typer.echo(f"{r['method']:9} {r['batch']:>5} {r['measured_mb']:11.0f} {r['predicted_mb']:12.0f} "
+        typer.echo(f"{r['method']:13} {r['batch']:>5} {r['measured_mb']:11.0f} {r['predicted_mb']:12.0f} "
                    f"{100 * r['error']:+6.1f}%{'  (calibration point)' if r['calibrated'] else ''}")
     held = [abs(r["error"]) for r in rows if not r["calibrated"]]
     if held:
