@@ -4,6 +4,7 @@ All but max pooling are linear maps (``deflinear``): the tangent is the same poo
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -48,16 +49,19 @@ def maxpool2d(ops, node, xs, xds, p, u, s, ctx) -> RuleOut:
         xd = split_m(ops, ops.pad(merge_m(ops, xd), pads, 0.0), ctx.m)
     size = ops.shape(y)[2:]
     offsets = [(i * dil[0], j * dil[1]) for i in range(kh) for j in range(kw)]
-    return y, _first_maximum(ops, [ops.strided_hw(x, o, stride, size) for o in offsets], y,
-                             [ops.strided_hw(xd, o, stride, size) for o in offsets]), {}
+    windows = ((ops.strided_hw(x, o, stride, size), ops.strided_hw(xd, o, stride, size)) for o in offsets)
+    return y, _first_maximum(ops, windows, len(offsets), y), {}
 
 
-def _first_maximum(ops, x_off: list, y: Any, xd_off: list) -> Any:
+def _first_maximum(ops, windows: Iterator[tuple[Any, Any]], count: int, y: Any) -> Any:
     """Σ_i sel_i·ẋ_i, sel_i = 1 at the first window offset i where x_i == y, else 0 (exact:
-    one term is selected, the others add zeros). ``rest`` is 1 where no earlier offset held y."""
+    one term is selected, the others add zeros). ``rest`` is 1 where no earlier offset held y.
+
+    The offsets' slices (x_i, ẋ_i) are emitted one pair at a time, each next to its use, so that a
+    schedule in emission order holds one pair of slices, not all k² of them."""
     yd, rest = None, None
-    for i, (xi, di) in enumerate(zip(x_off, xd_off, strict=False)):
-        if i == len(x_off) - 1:
+    for i, (xi, di) in enumerate(windows):
+        if i == count - 1:
             sel = rest  # the maximum is somewhere in the window: if not before, here
         else:
             hit = ops.eq_mask(xi, y)
