@@ -185,18 +185,23 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(artifacts: str, method: st
     _assert_same_run(run_dir, straight)
 
 
-def test_ctrl_c_saves_mid_epoch_and_resume_is_bit_identical(art: Path, uninterrupted: Path, tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch):
-    run_dir = tmp_path / "interrupted"
+def _ctrl_c_at_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """SIGINT to this process as the learner is fed its ``step``-th mini-batch (1-based)."""
     feed, calls = learners.FgdLearner.feed, []
 
     def feed_then_ctrl_c(self, x, y):
         calls.append(1)
-        if len(calls) == STEPS_PER_EPOCH + 3:
+        if len(calls) == step:
             os.kill(os.getpid(), signal.SIGINT)  # handled between mini-batches: save and exit 130
         return feed(self, x, y)
 
     monkeypatch.setattr(learners.FgdLearner, "feed", feed_then_ctrl_c)
+
+
+def test_ctrl_c_saves_mid_epoch_and_resume_is_bit_identical(art: Path, uninterrupted: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch):
+    run_dir = tmp_path / "interrupted"
+    _ctrl_c_at_step(monkeypatch, STEPS_PER_EPOCH + 3)
     result = _invoke(_args(art, run_dir))
     assert result.exit_code == 130
     assert f"asyncfgd-app train --resume {run_dir}" in result.output and "Traceback" not in result.output
@@ -212,15 +217,7 @@ def test_memory_mode_may_change_on_resume_and_changes_no_number(art: Path, unint
                                                                   monkeypatch: pytest.MonkeyPatch):
     """Ctrl-C a --memory lean run mid-epoch, resume it with --memory fast: the uninterrupted default run."""
     run_dir = tmp_path / "lean"
-    feed, calls = learners.FgdLearner.feed, []
-
-    def feed_then_ctrl_c(self, x, y):
-        calls.append(1)
-        if len(calls) == STEPS_PER_EPOCH + 5:
-            os.kill(os.getpid(), signal.SIGINT)
-        return feed(self, x, y)
-
-    monkeypatch.setattr(learners.FgdLearner, "feed", feed_then_ctrl_c)
+    _ctrl_c_at_step(monkeypatch, STEPS_PER_EPOCH + 5)
     monkeypatch.setattr(ort_backend, "pin_mmap_threshold", lambda: True)  # process-wide; tested in test_host_memory
     assert _invoke(_args(art, run_dir, "--memory", "lean")).exit_code == 130
     assert json.loads((run_dir / "config.json").read_text())["memory"] == "lean"
