@@ -5,6 +5,7 @@ from typing import Any
 
 from .artifacts import Artifacts
 from .backend import Backend, ModuleRunner
+from .host_memory import check_memory_mode
 from .optim import make_optimizer
 from .scheduler import AlphaFn, AsyncFGD, LocalActivity, LocalFGD, LrFn, Perturbation, Reducer, SyncFGD
 
@@ -14,16 +15,21 @@ METHODS = ("fgd", "asyncfgd", LOCAL_METHOD, ACTIVITY_METHOD)
 BACKENDS = ("onnxruntime", "torch", "torch-cuda", "tensorrt")
 
 
+def check_memory(backend: str, memory: str) -> None:
+    """``memory`` is ONNX Runtime's memory mode; the other backends manage their device memory themselves."""
+    check_memory_mode(memory)
+    if backend != "onnxruntime" and memory != "fast":
+        raise ValueError(f"memory mode {memory!r} is an ONNX Runtime setting; backend {backend!r} takes only 'fast'")
+
+
 def make_backend(name: str, memory: str = "fast") -> Backend:
     """Backends are imported on demand so that choosing ONNX Runtime never imports torch.
 
-    ``memory`` is ONNX Runtime's memory mode (host_memory.MEMORY_MODES); the other backends
-    manage their device memory themselves and take only the default.
+    ``memory`` is ONNX Runtime's memory mode (host_memory.MEMORY_MODES; ``check_memory``).
     """
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    if name != "onnxruntime" and memory != "fast":
-        raise ValueError(f"memory mode {memory!r} is an ONNX Runtime setting; backend {name!r} takes only 'fast'")
+    check_memory(name, memory)
     if name == "onnxruntime":
         from .ort_backend import OrtBackend
 

@@ -122,8 +122,6 @@ def new_config(ctx: typer.Context) -> TrainConfig:
     perturb = parse_perturb(p.get("perturb"))
     if perturb and method != ACTIVITY_METHOD:
         fail("--perturb chooses how the local-activity method perturbs a layer; add --method local-activity")
-    if p.get("memory", D.memory) != D.memory and p.get("backend", D.backend) != "onnxruntime":
-        fail(f"--memory {p['memory']} is an ONNX Runtime setting; drop it or use --backend onnxruntime")
     return TrainConfig(**{**{f.name: p[f.name] for f in fields(TrainConfig) if f.name in p},
                           **defaults, "perturb": perturb,
                           "lr": D.lr if lr == AUTO else lr,

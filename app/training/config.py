@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from asyncfgd.app.training import checkpoint
+from asyncfgd.runtime.engine import check_memory
 from asyncfgd.runtime.schedules import AlphaSchedule, lr_at
 
 
@@ -77,6 +78,9 @@ class TrainConfig:
     memory: str = "fast"  # ONNX Runtime's memory mode (runtime/host_memory.py): fast or lean
     log: list[str] = field(default_factory=list)  # run logs besides metrics.csv (--log): tensorboard, mlflow
     log_every: int | None = None  # a console summary line every N epochs; None: max(1, epochs // 10)
+
+    def __post_init__(self) -> None:
+        check_memory(self.backend, self.memory)  # every way a config is made: options, resume, replace()
 
     def alpha_schedule(self) -> AlphaSchedule:
         return AlphaSchedule(self.alpha_preset, self.alpha_value, self.alpha_warm_epochs, self.alpha_ramp_epochs,
