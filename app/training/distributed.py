@@ -26,13 +26,13 @@ import numpy as np
 
 from asyncfgd.app.training import checkpoint
 from asyncfgd.app.training.config import TrainConfig, TrainError
-from asyncfgd.app.training.learners import FgdLearner, alpha_fn, store_tangents
+from asyncfgd.app.training.learners import FgdLearner, alpha_fn, perturbation
 from asyncfgd.runtime.artifacts import Artifacts
 from asyncfgd.runtime.distributed import Ranks, ScalarAllReduce, StageLink, gather, shard
 from asyncfgd.runtime.engine import SCALAR_METHODS, make_backend
 from asyncfgd.runtime.optim import make_optimizer
 from asyncfgd.runtime.pipeline_ranks import StageFGD
-from asyncfgd.runtime.scheduler import Perturbation, StepOutcome
+from asyncfgd.runtime.scheduler import StepOutcome
 
 MODES = ("data", "pipeline")
 #: how often a rank reports its progress to the rendezvous store (named when another rank loses contact)
@@ -227,7 +227,7 @@ class PipelineLearner:
         opt = make_optimizer(cfg.optimizer, self.runner.params, self.runner.xp, lr=lr(0), **cfg.optimizer_kw())
         self._alpha = alpha_fn(arts, cfg, steps_per_epoch)
         self.stage = StageFGD(self.runner, opt, len(arts.modules), self._alpha, lr,
-                              Perturbation(cfg.seed, cfg.tangent_mode, store_tangents(cfg, arts)), StageLink(),
+                              perturbation(cfg, arts), StageLink(),
                               arts.modules[k].in_shape, arts.tangents)
 
     def feed(self, x: np.ndarray, onehot: np.ndarray) -> list[StepOutcome]:

@@ -77,6 +77,11 @@ def stored_tangent_bytes(arts: Artifacts) -> int:
     return sum((K - k) * arts.tangents * F32 * param_numel(mod.raw) for k, mod in enumerate(arts.modules) if k < K - 1)
 
 
+def perturbation(cfg: TrainConfig, arts: Artifacts) -> Perturbation:
+    """The run's tangent stream: its seed and distribution, and whether delayed modules keep their copies."""
+    return Perturbation(cfg.seed, cfg.tangent_mode, store_tangents(cfg, arts))
+
+
 def alpha_fn(arts: Artifacts, cfg: TrainConfig, steps_per_epoch: int) -> AlphaFn:
     """Each module's α by step: the schedule, and 0 for the frozen modules."""
     schedule, K = cfg.alpha_schedule(), len(arts.modules)
@@ -96,7 +101,7 @@ class FgdLearner:
         self.runners = load_runners(arts, cfg.backend, cfg.threads or None, cfg.memory)
         alpha = alpha_fn(arts, cfg, steps_per_epoch)
         self.scheduler = make_scheduler(self.runners, cfg.method, cfg.optimizer, cfg.lr_fn(steps_per_epoch), alpha,
-                                        Perturbation(cfg.seed, cfg.tangent_mode, store_tangents(cfg, arts)),
+                                        perturbation(cfg, arts),
                                         cfg.optimizer_kw(), reduce)
         for opt in self.scheduler.optimizers:
             opt.track_norm = bool(cfg.log)  # one extra pass over each estimate, for the run logs only
