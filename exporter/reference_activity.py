@@ -5,7 +5,9 @@ runs the model's own layers (``run_segment``) with a shift δ added at every sit
 from ``torch.func.jvp`` with respect to (δ, the weight-perturbed weights) along (ε_j, u_j). The
 weight estimates come from autograd applied to one layer at a time: the vector-Jacobian product
 of a site's output with respect to its own layers' weights, with the site's G as the cotangent
-(BatchNorm's transpose included), so no hand-written transpose is shared with the runtime.
+(BatchNorm's transpose included), so no hand-written transpose is shared with the runtime. G is
+kept where autograd finds the site's value reaching the loss (the support the runtime reads off
+the site's readers).
 
 The method has no delayed updates, so the pipeline equals a sequential loop: module k runs step s
 with the weights its own updates up to step s − 1 left, on the output module k − 1 produced for
@@ -87,9 +89,13 @@ def module_step(model: torch.nn.Module, spec: ModuleSpec, x: torch.Tensor, label
             per, dj = cast(tuple[torch.Tensor, torch.Tensor], torch.func.jvp(losses, primals, tang))
             rows.append(dj)
         d[group] = torch.stack(rows)
+    with torch.enable_grad():  # where each site's value reaches the loss: ∇ℓ_n ≠ 0 there
+        shifts = tuple(z.clone().requires_grad_() for z in zeros)
+        reach = torch.autograd.grad(losses(shifts, primals[1]).sum(), shifts, allow_unused=True)
     estimates: dict[str, torch.Tensor] = {}
-    for site in plan.sites:
+    for site, r in zip(plan.sites, reach, strict=True):
         g = torch.einsum("jn,jn...->n...", d[site.node], eps[site.node]) / (m * n)
+        g = g if r is None else g * (r != 0).to(g.dtype)
         layer_w = [q for name in site.layers for q in spec.node(name).params.values()]
         estimates.update(_vjp(model, spec, x, weights, stats, masks, bn_train, site.node, layer_w, g))
     for q in wp:

@@ -28,7 +28,8 @@ from asyncfgd.exporter.trt_check import check_trt_compat
 from asyncfgd.exporter.validate import validate_artifacts
 from asyncfgd.runtime import contract as c
 from asyncfgd.runtime.artifacts import load_artifacts
-from asyncfgd.runtime.dual.activity import PlanError, groups, plan
+from asyncfgd.runtime.dual import activity
+from asyncfgd.runtime.dual.activity import PlanError, groups, plan, site_support, support_chain
 from asyncfgd.runtime.dual.interpreter import GraphSpec, run_module
 from asyncfgd.runtime.dual.program import module_specs, weight_names
 from asyncfgd.runtime.dual.torch_ops import TorchOps
@@ -248,3 +249,71 @@ def test_export_cli_writes_the_role_and_validate_checks_it(tmp_path: Path):
     assert manifest["modules"][0]["activity"]["weight_perturbed"][0] == "features.0.0.weight"
     checked = _cli(["validate", str(out), "--batch-sizes", "16"], tmp_path / "cache")
     assert checked.exit_code == 0 and checked.output.count(" activity ") == 2, checked.output
+
+
+@pytest.mark.parametrize("act, pool, pooled", [(torch.nn.ReLU, 2, True), (torch.nn.ReLU6, 2, True),
+                                               (torch.nn.ReLU, 3, False)])
+def test_site_support_is_where_autograd_finds_the_site_reaching_the_output(act, pool, pooled):
+    """conv -> BN -> activation -> max-pool: the support read off the site's readers equals the
+    nonzero pattern of autograd's gradient (a tiled pool); an overlapping pool (3 x 3, stride 3 on 8 x 8
+    drops a row and column) keeps only the activation's part, a superset of it."""
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.BatchNorm2d(3), act(),
+                                 torch.nn.MaxPool2d(pool)).double()
+    nodes = trace(layers, (2, 8, 8))
+    site = plan(nodes, [], batch=5, bn_train=True, choose={nodes[0].name: "activity"}).sites[0]
+    chain = support_chain(site, nodes)
+    assert [n.op for n in chain] == ([act().__class__.__name__.lower()] + (["maxpool2d"] if pooled else []))
+    x = torch.randn(5, 2, 8, 8, dtype=torch.float64) * 3  # ReLU6's upper flat part is reached too
+    z = layers[1](layers[0](x)).detach().requires_grad_()
+    y = layers[3](layers[2](z))
+    reach, = torch.autograd.grad(y.sum(), z)
+    ops = TorchOps(dtype=torch.float64)
+    values = {chain[0].name: layers[2](z).detach(), site.node: z.detach()}
+    if pooled:
+        values[chain[1].name] = y.detach()
+    support = site_support(ops, chain, z.detach(), values)
+    if pooled:
+        torch.testing.assert_close(support, (reach != 0).double(), rtol=0, atol=0)
+    else:
+        assert bool(((reach != 0) <= (support != 0)).all()) and support.sum() > (reach != 0).sum()
+
+
+def test_support_mask_cuts_the_conv_estimates_noise(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The mask removes noise, not signal: over 64 steps of 4 tangents, the first block's conv
+    estimate (64 digits) has a smaller mean squared error with the true gradient with the mask than
+    without it (by 40% at least), and the same mean (unbiased either way, within the 64-step
+    average's noise)."""
+    model = _export(tmp_path / "a", 4)
+    arts = load_artifacts(tmp_path / "a")
+    mod = module_specs(arts.manifest)[0]
+    ops = TorchOps(dtype=torch.float64)
+    ds = load_digits()
+    x = torch.tensor(ds.train.images[:64], dtype=torch.float64)
+    labels = torch.tensor(ds.train.labels[:64])
+    params = {k: torch.tensor(v, dtype=torch.float64) for k, v in arts.weights.items()}
+    conv = "features.0.0.weight"
+    trace_model(model.double(), SHAPE)
+    w = {q: params[q].clone().requires_grad_() for q in weight_names(mod.nodes + mod.aux)}
+    y = run_segment(model, mod, x, {q: w[q] for q in weight_names(mod.nodes)}, None)
+    true, = torch.autograd.grad(F.cross_entropy(head_forward(mod.aux, y, w, {}), labels), [w[conv]])
+
+    def estimates() -> torch.Tensor:
+        out = []
+        for step in range(64):
+            eps = [np.empty((4, len(x), *s.shape), np.float32) for s in mod.activity.sites]
+            fill_signs(eps, 0, step, 0)
+            noise = {s.node: torch.tensor(e, dtype=torch.float64) for s, e in zip(mod.activity.sites, eps, strict=True)}
+            with torch.no_grad():
+                res = run_module(ops, mod, GraphSpec(c.ACTIVITY, 4, "train"), False, x, None, params, {},
+                                 {q: v.clone() for q, v in params.items()}, F.one_hot(labels, 10).double(), None, noise)
+            out.append(res[c.grad_output(conv)])
+        return torch.stack(out)
+
+    masked = estimates()
+    monkeypatch.setattr(activity, "site_support", lambda *args: None)
+    plain = estimates()
+    err = [float(((e - true) ** 2).sum(dim=(1, 2, 3, 4)).mean() / (true ** 2).sum()) for e in (masked, plain)]
+    assert err[0] < 0.6 * err[1], err  # measured 12.7 vs 26.3
+    spread = float(plain.std(dim=0).norm() / 8)  # the 64-step mean's standard error
+    assert float((masked.mean(0) - plain.mean(0)).norm()) < 3 * spread

@@ -19,6 +19,11 @@ transpose (its batch coupling included exactly). A site is unbiased only if noth
 in the module couples samples, so a layer followed by a train-mode BatchNorm later in its module
 is weight-perturbed instead.
 
+**Support masks.** Entries of G where ∇_z ℓ_n is zero by the site's readers (a ReLU's inactive
+side, the non-maxima of a tiled max-pool window) carry noise and no signal; ``site_support`` marks
+the entries that can reach the loss and G is multiplied by it. Any superset of the true support
+keeps the estimate unbiased (E[d ε_p] = ∇_p ℓ = 0 off it), so ties in a window may all be kept.
+
 ``plan`` chooses per layer (``perturbation_rule``): activity where the site has fewer
 activations per sample, divided by the batch, than the layer has weights; weight perturbation
 otherwise (and for every layer with no site form: grouped convs, norms alone, embeddings).
@@ -139,6 +144,49 @@ def site_gradient(ops: Any, d: Any, eps: Any, m: int) -> Any:
     dd = ops.reshape(d, [m, -1, *([1] * (rank - 2))])
     total = ops.sum(ops.mul(dd, eps), [0], keepdims=False)
     return ops.div(total, ops.mul(ops.batch_count(total, 1), ops.const(float(m))))
+
+
+#: piecewise-linear activations with flat parts: op -> the (lo, hi) bounds of their sloped part
+_SLOPED = {"relu": lambda a: (0.0, None), "relu6": lambda a: (0.0, 6.0),
+           "hardtanh": lambda a: (a["min"], a["max"])}
+
+
+def support_chain(site: Site, nodes: list[Node]) -> list[Node]:
+    """The site's sole-reader chain that ``site_support`` reads: a flat-sided activation, then
+    optionally a max-pool whose windows tile its input; empty when the site has neither."""
+    reads = readers(nodes)
+    chain: list[Node] = []
+    users = reads.get(site.node, [])
+    if len(users) == 1 and users[0].op in _SLOPED:
+        chain.append(users[0])
+        after = reads.get(users[0].name, [])
+        if len(after) == 1 and after[0].op == "maxpool2d" and _tiles(after[0], users[0].shape):
+            chain.append(after[0])
+    return chain
+
+
+def _tiles(pool: Node, in_shape: list[int]) -> bool:
+    """The pool's windows cover its input exactly once (so y upsampled lines up with the input)."""
+    a = pool.attrs
+    kh, kw = a["kernel"]
+    return (list(a["stride"]) == [kh, kw] and list(a["padding"]) == [0, 0] and list(a["dilation"]) == [1, 1]
+            and [pool.shape[1] * kh, pool.shape[2] * kw] == list(in_shape[1:]))
+
+
+def site_support(ops: Any, chain: list[Node], z: Any, values: Mapping[str, Any]) -> Any | None:
+    """1 where the site's value z (N, ...) can move the loss through ``chain``, else 0; None: everywhere.
+
+    The activation's sloped part, times, under a tiled max-pool, the window maxima (x == upsampled
+    y: ties all kept, a superset of the first maximum the pool's derivative picks)."""
+    if not chain:
+        return None
+    act = chain[0]
+    support = ops.step_mask(z, *_SLOPED[act.op](act.attrs))
+    if len(chain) == 2:
+        kh, kw = chain[1].attrs["kernel"]
+        peaks = ops.eq_mask(values[act.name], ops.upsample(values[chain[1].name], kh, kw))
+        support = ops.mul(support, peaks)
+    return support
 
 
 def weight_estimate(ops: Any, d: Any, u: Any, m: int) -> Any:

@@ -115,7 +115,9 @@ def run_activity(ops: Ops, mod: ModuleSpec, spec: GraphSpec, is_last: bool, x: A
     inject = {s.node: activity.in_slots(ops, swap_major(ops, noise[s.node], m, to_samples=True), slot[s.node],
                                         len(groups), axis=1) for s in plan.sites}
     u = {q: activity.in_slots(ops, tangents[q], slot[activity.WEIGHTS], len(groups)) for q in plan.weight_perturbed}
+    chains = {s.node: activity.support_chain(s, mod.nodes + mod.aux) for s in plan.sites}
     wanted = {n for s in plan.sites for layer in s.layers for n in (layer, *mod.node(layer).inputs)}
+    wanted |= {n.name for chain in chains.values() for n in chain}
     values: dict[str, Any] = {}
     y, yd, new_stats = run_program(ops, mod.nodes, mod.input, x, None, params, u, stats, ctx,
                                    masks, inject, values, wanted)
@@ -131,6 +133,9 @@ def run_activity(ops: Ops, mod: ModuleSpec, spec: GraphSpec, is_last: bool, x: A
     by_name = {n.name: n for n in mod.nodes + mod.aux}
     for site in plan.sites:
         g = activity.site_gradient(ops, activity.group_d(ops, d, slot[site.node], m), noise[site.node], m)
+        support = activity.site_support(ops, chains[site.node], values[site.node], values)
+        if support is not None:
+            g = ops.mul(g, support)
         for q, est in activity.site_estimates(ops, site, by_name, g, values, params, stats, ctx).items():
             out[c.grad_output(q)] = est
     for q in plan.weight_perturbed:
