@@ -24,7 +24,8 @@ from .local_heads import aux_head, init_aux_weights
 from .split import StepCost, split_program
 from .trace import trace
 
-#: local-activity heads pool a feature map to this grid (docs/convergence.md)
+#: local-activity heads pool a feature map to this grid and give each channel its own classifier and
+#: loss (docs/convergence.md)
 ACTIVITY_HEAD_GRID = 2
 
 
@@ -70,9 +71,10 @@ def export_model(model: Any, out_dir: str | Path, input_shape: tuple[int, int, i
                             f"its layers with weights: {', '.join(n.name for n in program if n.params)}")
     if local_heads or activity:
         for mod in specs[:-1]:
-            mod.aux = aux_head(mod, out_shapes[mod.output], num_classes, ACTIVITY_HEAD_GRID if activity else 1)
-            feats = mod.aux[-2].shape[0] if len(mod.aux) > 1 else out_shapes[mod.output][0]
-            aux_w = init_aux_weights(mod.aux, feats, num_classes, seed)
+            shape = out_shapes[mod.output]
+            mod.aux = aux_head(mod, shape, num_classes, ACTIVITY_HEAD_GRID if activity else 1,
+                               shape[0] if activity and len(shape) == 3 else 1)
+            aux_w = init_aux_weights(mod.aux, num_classes, seed)
             state.update(aux_w)
             shapes.update({k: list(v.shape) for k, v in aux_w.items()})
     if activity:

@@ -45,8 +45,14 @@ def head_forward(aux: list[Node], y: torch.Tensor, weights: dict[str, torch.Tens
             y = y.flatten(1)
         elif n.op == "linear":
             y = F.linear(y, weights[n.params["weight"]], weights.get(n.params.get("bias", "")))
+        elif n.op == "conv2d":  # one classifier per channel group: each group's grid, flattened
+            w = weights[n.params["weight"]]
+            g = n.attrs["groups"]
+            feats = y.reshape(len(y), g, 1, -1)
+            y = (feats * w.reshape(g, -1, w[0].numel())).sum(-1).reshape(len(y), -1, 1, 1)
+            y = y + weights[n.params["bias"]].reshape(1, -1, 1, 1)
         else:
-            raise ValueError(f"local heads hold pool, flatten and linear nodes, not {n.op!r}")
+            raise ValueError(f"local heads hold pool, flatten, linear and grouped-conv nodes, not {n.op!r}")
         if n.name in shift:
             y = y + shift[n.name]
     return y
@@ -66,19 +72,22 @@ def module_step(model: torch.nn.Module, spec: ModuleSpec, x: torch.Tensor, label
     sites = [s.node for s in plan.sites]
     m = next(iter(eps.values())).shape[0] if eps else next(iter(u.values())).shape[0]
     wp = list(plan.weight_perturbed)
+    heads = next((n.attrs["groups"] for n in spec.aux if n.op == "conv2d"), 1)
 
     def losses(deltas: Sequence[torch.Tensor], moved: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Each sample's loss per head classifier, (N, groups): a grouped head's logits side by side."""
         shift = dict(zip(sites, deltas, strict=True))
         w = {**weights, **dict(zip(wp, moved, strict=True))}
         y = run_segment(model, spec, x, {q: w[q] for q in mod_w}, None if bn_train else stats, masks, shift)
         z = head_forward(spec.aux, y, w, shift) if spec.aux else y
-        return F.cross_entropy(z, labels, reduction="none")
+        z = z.reshape(len(z), heads, -1)
+        return F.cross_entropy(z.transpose(1, 2), labels[:, None].expand(-1, heads), reduction="none")
 
     n = len(x)
     zeros = tuple(torch.zeros(n, *s.shape, dtype=x.dtype) for s in plan.sites)
     primals = (zeros, tuple(weights[q] for q in wp))
     no_u = tuple(torch.zeros_like(weights[q]) for q in wp)
-    d: dict[str, torch.Tensor] = {}  # by perturbation group: (m, N), each group along its own tangents
+    d: dict[str, torch.Tensor] = {}  # by perturbation group: (m, N, heads), each along its own tangents
     for group in groups(plan):
         rows = []
         for j in range(m):
@@ -89,18 +98,22 @@ def module_step(model: torch.nn.Module, spec: ModuleSpec, x: torch.Tensor, label
             per, dj = cast(tuple[torch.Tensor, torch.Tensor], torch.func.jvp(losses, primals, tang))
             rows.append(dj)
         d[group] = torch.stack(rows)
-    with torch.enable_grad():  # where each site's value reaches the loss: ∇ℓ_n ≠ 0 there
-        shifts = tuple(z.clone().requires_grad_() for z in zeros)
-        reach = torch.autograd.grad(losses(shifts, primals[1]).sum(), shifts, allow_unused=True)
+    reach = []  # per head classifier, where each site's value reaches its loss: ∇ ≠ 0 there
+    with torch.enable_grad():
+        for h in range(heads):
+            shifts = tuple(z.clone().requires_grad_() for z in zeros)
+            grads = torch.autograd.grad(losses(shifts, primals[1])[:, h].sum(), shifts, allow_unused=True)
+            reach.append([torch.ones_like(z) if r is None else (r != 0).to(z.dtype)
+                          for r, z in zip(grads, zeros, strict=True)])
     estimates: dict[str, torch.Tensor] = {}
-    for site, r in zip(plan.sites, reach, strict=True):
-        g = torch.einsum("jn,jn...->n...", d[site.node], eps[site.node]) / (m * n)
-        g = g if r is None else g * (r != 0).to(g.dtype)
+    for i, site in enumerate(plan.sites):
+        g = torch.stack([torch.einsum("jn,jn...->n...", d[site.node][..., h], eps[site.node]) * reach[h][i]
+                         for h in range(heads)]).sum(0) / (m * n * heads)
         layer_w = [q for name in site.layers for q in spec.node(name).params.values()]
         estimates.update(_vjp(model, spec, x, weights, stats, masks, bn_train, site.node, layer_w, g))
     for q in wp:
-        estimates[q] = torch.einsum("j,j...->...", d[WEIGHTS].mean(dim=1), u[q]) / m
-    d_all = torch.cat([d[group] for group in groups(plan)])
+        estimates[q] = torch.einsum("j,j...->...", d[WEIGHTS].mean(dim=(1, 2)), u[q]) / m
+    d_all = torch.cat([d[group].mean(dim=2) for group in groups(plan)])
     with torch.no_grad():
         y = run_segment(model, spec, x, mod_w, stats or None, masks)
         logits = head_forward(spec.aux, y, weights, {}) if spec.aux else y

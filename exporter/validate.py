@@ -263,7 +263,7 @@ def _reference(model: torch.nn.Module, arts: Artifacts, mod: ModuleSpec, info: M
     out = {c.stat_output(q): v for q, v in stats.items()} if bn_train else {}
     scales: dict[str, torch.Tensor] = {}
     if role == c.LOCAL:  # the module's output y, and the auxiliary head's loss
-        fc = mod.aux[-1].params
+        fc = next(n for n in mod.aux if n.params).params
         head = [(cv(arts.weights[q]), cv(inp.tangents[q])) for q in (fc["weight"], fc["bias"])]
         out[c.Y] = y
         assert y_dot is not None  # LOCAL is a tangent role: y_dot was computed above
@@ -274,6 +274,10 @@ def _reference(model: torch.nn.Module, arts: Artifacts, mod: ModuleSpec, info: M
         out[c.LOGITS] = y
         if role != c.EVAL:
             labels = torch.from_numpy(inp.labels)
+            if role == c.LOCAL:  # a grouped head's classifiers side by side: the mean of their losses
+                heads = y.shape[1] // arts.num_classes
+                y, labels = y.reshape(-1, arts.num_classes), labels.repeat_interleave(heads)
+                y_dot = None if y_dot is None else y_dot.reshape(len(y_dot), -1, arts.num_classes)
             out[c.LOSS] = cross_entropy(y, labels)
             if y_dot is not None:
                 out[c.LOSS_DOT] = _loss_dot(y, y_dot, labels)
@@ -316,7 +320,7 @@ def _aux_head(aux: list[Node], y: torch.Tensor, y_dot: torch.Tensor, head: list[
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and their tangents of a local-loss head (local_heads.py) by jvp over (y, its weights)."""
     (w, uw), (b, ub) = head
-    fc = aux[-1].params
+    fc = next(n for n in aux if n.params).params
 
     def f(z: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return head_forward(aux, z, {fc["weight"]: w, fc["bias"]: b}, {})

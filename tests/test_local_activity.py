@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from asyncfgd.app.training.data import load_digits, one_hot
 from asyncfgd.exporter.export import export_model
+from asyncfgd.exporter.local_heads import aux_head
 from asyncfgd.exporter.models import build_model, model_spec
 from asyncfgd.exporter.reference_activity import head_forward, run_local_activity_reference
 from asyncfgd.exporter.split import split_program
@@ -29,9 +30,18 @@ from asyncfgd.exporter.validate import validate_artifacts
 from asyncfgd.runtime import contract as c
 from asyncfgd.runtime.artifacts import load_artifacts
 from asyncfgd.runtime.dual import activity
-from asyncfgd.runtime.dual.activity import PlanError, groups, plan, site_support, support_chain
+from asyncfgd.runtime.dual.activity import (
+    PlanError,
+    groups,
+    loss_groups,
+    plan,
+    site_groups,
+    site_support,
+    support_chain,
+)
 from asyncfgd.runtime.dual.interpreter import GraphSpec, run_module
 from asyncfgd.runtime.dual.program import module_specs, weight_names
+from asyncfgd.runtime.dual.rules.layers import conv_correlation
 from asyncfgd.runtime.dual.torch_ops import TorchOps
 from asyncfgd.runtime.engine import load_runners, make_scheduler
 from asyncfgd.runtime.perturb import fill_signs, fill_tangents
@@ -54,6 +64,12 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Modu
     """Both kinds of perturbation: the first conv (and its BatchNorm) by weights, the rest by activity."""
     out = tmp_path_factory.mktemp("act") / "mixed"
     return out, _export(out, 2, {"features.0.0": "weight"})
+
+
+def _local_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The mean cross-entropy of a head's classifiers (one per channel group, logits side by side)."""
+    heads = logits.shape[1] // 10
+    return F.cross_entropy(logits.reshape(-1, 10), labels.repeat_interleave(heads))
 
 
 def _modules(k: int) -> list:
@@ -140,7 +156,7 @@ def test_estimator_is_consistent_with_autograd(tmp_path: Path, one_torch_thread:
         w = {q: params[q].clone().requires_grad_() for q in names}
         y = run_segment(model, mod, x, {q: w[q] for q in weight_names(mod.nodes)}, None)
         logits = head_forward(mod.aux, y, w, {}) if mod.aux else y
-        grads = torch.autograd.grad(F.cross_entropy(logits, labels), [w[q] for q in names])
+        grads = torch.autograd.grad(_local_loss(logits, labels), [w[q] for q in names])
         est = torch.cat([mean[q].flatten() for q in names])
         true = torch.cat([g.flatten() for g in grads])
         cosine = float(est @ true / (est.norm() * true.norm()))
@@ -296,7 +312,7 @@ def test_support_mask_cuts_the_conv_estimates_noise(tmp_path: Path, monkeypatch:
     trace_model(model.double(), SHAPE)
     w = {q: params[q].clone().requires_grad_() for q in weight_names(mod.nodes + mod.aux)}
     y = run_segment(model, mod, x, {q: w[q] for q in weight_names(mod.nodes)}, None)
-    true, = torch.autograd.grad(F.cross_entropy(head_forward(mod.aux, y, w, {}), labels), [w[conv]])
+    true, = torch.autograd.grad(_local_loss(head_forward(mod.aux, y, w, {}), labels), [w[conv]])
 
     def estimates() -> torch.Tensor:
         out = []
@@ -317,3 +333,31 @@ def test_support_mask_cuts_the_conv_estimates_noise(tmp_path: Path, monkeypatch:
     assert err[0] < 0.6 * err[1], err  # measured 12.7 vs 26.3
     spread = float(plain.std(dim=0).norm() / 8)  # the 64-step mean's standard error
     assert float((masked.mean(0) - plain.mean(0)).norm()) < 3 * spread
+
+
+@pytest.mark.parametrize("groups, c_in, c_out, stride", [(1, 4, 6, 1), (2, 4, 6, 2), (8, 8, 80, 1)])
+def test_grouped_conv_correlation_is_autograds_weight_gradient(groups, c_in, c_out, stride):
+    """A grouped conv is a site (the grouped head's classifiers): its estimate pulls G back by the
+    per-group correlation, which must equal autograd's weight gradient for the same G."""
+    torch.manual_seed(0)
+    x = torch.randn(3, c_in, 6, 6, dtype=torch.float64)
+    w = torch.randn(c_out, c_in // groups, 2, 2, dtype=torch.float64, requires_grad=True)
+    y = F.conv2d(x, w, stride=stride, groups=groups)
+    g = torch.randn_like(y)
+    ref, = torch.autograd.grad(y, w, g)
+    attrs = {"stride": [stride, stride], "padding": [0, 0], "dilation": [1, 1]}
+    got = conv_correlation(TorchOps(dtype=torch.float64), x, g, attrs, (2, 2), groups)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_sites_split_by_head_group_only_through_channelwise_layers():
+    """With a grouped head, a site whose channels reach it through channelwise layers alone takes
+    each group's own d; a site before another conv mixes channels and takes the whole loss's."""
+    torch.manual_seed(0)
+    model = build_model("cnn", 10, (1, 8, 8), channels=(4, 8))
+    mod = split_program(trace(model, (1, 8, 8)), at=["flatten"])[0]  # (conv, BN, ReLU, pool) twice
+    mod.aux = aux_head(mod, mod.nodes[-1].shape, 10, grid=2, groups=4)
+    p = plan(mod.nodes, mod.aux, batch=64, bn_train=False, choose={"features.0.0": "activity"})
+    split = {s.node: site_groups(s, mod.nodes, mod.aux) for s in p.sites}
+    assert split == {"features.0.1": 1, "features.1.1": 4, "aux0.fc": 4}
+    assert loss_groups(mod.aux) == 4 and loss_groups([]) == 1

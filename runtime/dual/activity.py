@@ -12,7 +12,7 @@ is unbiased for ∇_W when the ε are independent with E[ε εᵀ] = I. Its nois
 activations a sample has at the site (divided by the batch, over which the noise averages),
 not with the layer's weights.
 
-Sites (``Site``): a linear layer's output; an ungrouped conv's output; and, for a conv read only
+Sites (``Site``): a linear layer's output; a conv's output; and, for a conv read only
 by a BatchNorm, the BatchNorm's output: ℓ_n then depends on sample n's perturbed value alone
 even in train mode, and the estimate reaches γ, β and the conv through BatchNorm's closed-form
 transpose (its batch coupling included exactly). A site is unbiased only if nothing after it
@@ -26,7 +26,14 @@ keeps the estimate unbiased (E[d ε_p] = ∇_p ℓ = 0 off it), so ties in a win
 
 ``plan`` chooses per layer (``perturbation_rule``): activity where the site has fewer
 activations per sample, divided by the batch, than the layer has weights; weight perturbation
-otherwise (and for every layer with no site form: grouped convs, norms alone, embeddings).
+otherwise (and for every layer with no site form: norms alone, embeddings).
+
+**Channel-group losses.** A local head may hold one classifier per channel group of the module's
+output (exporter/local_heads.py), each with its own loss; the local loss is their mean. A site
+whose channels reach the head only through channelwise layers (activations, BatchNorm, pooling)
+moves only its own group's loss, so its G takes each group's d from that group alone
+(``site_gradient`` with ``groups``): its noise spans one group's activations, not all of them.
+Other sites take the mean over the groups, the derivative of the whole local loss.
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ from typing import Any
 from .program import ActivityPlan, Node, Site, readers
 from .rules.core import RuleContext
 from .rules.layers import bn_primal, channel_mean, conv_correlation
+from .rules.loss import cross_entropy
 
 PERTURB_CHOICES = ("activity", "weight")
 #: the perturbation group of the weight-perturbed weights (the others are named by their site node)
@@ -58,7 +66,7 @@ def candidate_sites(nodes: list[Node], bn_train: bool) -> list[Site]:
             continue
         if n.op == "linear":
             site = Site(n.name, [n.name], list(n.shape))
-        elif n.op == "conv2d" and n.attrs["groups"] == 1:
+        elif n.op == "conv2d":
             users = reads.get(n.name, [])
             if len(users) == 1 and users[0].op == "batchnorm2d" and "weight" in users[0].params:
                 site = Site(users[0].name, [n.name, users[0].name], list(users[0].shape))
@@ -106,7 +114,7 @@ def plan(nodes: list[Node], aux: list[Node], batch: int, bn_train: bool,
             n = by_name[layer]
             why = ("it has no weights" if not n.params else
                    "a train-mode BatchNorm after it in its module couples the samples" if n.op in ("linear", "conv2d")
-                   else f"{n.op} layers have no activity form (linear and ungrouped conv2d do)")
+                   else f"{n.op} layers have no activity form (linear and conv2d do)")
             raise PlanError(f"layer {layer!r} cannot be activity-perturbed: {why}")
     for site in sites.values():
         given = [choose[layer] for layer in site.layers if layer in choose]
@@ -137,13 +145,59 @@ def group_d(ops: Any, d: Any, group: int, m: int) -> Any:
     return ops.slice(d, 0, group * m, (group + 1) * m, 1)
 
 
-def site_gradient(ops: Any, d: Any, eps: Any, m: int) -> Any:
+def site_gradient(ops: Any, d: Any, eps: Any, m: int, groups: int = 1) -> Any:
     """G = Σ_j d_nj·ε_nj / (m·N): the estimate of ∇ of the batch-mean loss at the site, (N, ...).
-    ``d`` is (m, N), ``eps`` (m, N, ...) (the artifact contract's layout)."""
-    rank = len(ops.shape(eps))
-    dd = ops.reshape(d, [m, -1, *([1] * (rank - 2))])
-    total = ops.sum(ops.mul(dd, eps), [0], keepdims=False)
-    return ops.div(total, ops.mul(ops.batch_count(total, 1), ops.const(float(m))))
+    ``d`` is (m, N), ``eps`` (m, N, ...) (the artifact contract's layout). With ``groups`` > 1, ``d``
+    is (m, N, groups), each group's own loss derivative, and ε's channels split into that many
+    groups: group c's part of G is Σ_j d_ncj·ε_nj / (m·N·groups) (the local loss is the groups' mean)."""
+    shape = ops.shape(eps)
+    if groups == 1:
+        dd = ops.reshape(d, [m, -1, *([1] * (len(shape) - 2))])
+        total = ops.sum(ops.mul(dd, eps), [0], keepdims=False)
+    else:
+        dd = ops.reshape(d, [m, -1, groups, 1])
+        split = ops.reshape(eps, [m, -1, groups, math.prod(shape[2:]) // groups])
+        total = ops.reshape(ops.sum(ops.mul(dd, split), [0], keepdims=False), [-1, *shape[2:]])
+    return ops.div(total, ops.mul(ops.batch_count(total, 1), ops.const(float(m * groups))))
+
+
+def loss_groups(aux: list[Node]) -> int:
+    """How many classifiers, each with its own loss, a local head holds (1 without a grouped head)."""
+    fc = [n for n in aux if n.op == "conv2d"]
+    return fc[0].attrs["groups"] if fc else 1
+
+
+#: layers that keep channels apart: a site read only through them reaches one head group per channel
+_CHANNELWISE = {"relu", "relu6", "hardtanh", "leaky_relu", "gelu", "silu", "sigmoid", "tanh", "batchnorm2d",
+                "maxpool2d", "avgpool2d", "adaptive_avgpool2d", "global_avgpool", "dropout"}
+
+
+def site_groups(site: Site, nodes: list[Node], aux: list[Node]) -> int:
+    """The head groups a site's channels split into: the head's when every path from the site to
+    the grouped head is channelwise (or the site is the head), else 1 (its d is the whole loss's)."""
+    groups = loss_groups(aux)
+    if groups == 1:
+        return 1
+    fc = next(n for n in aux if n.op == "conv2d")
+    reads = readers(nodes + aux)
+    name = site.node
+    while name != fc.name:
+        users = reads.get(name, [])
+        if len(users) != 1 or (users[0].name != fc.name and users[0].op not in _CHANNELWISE):
+            return 1
+        name = users[0].name
+    return groups
+
+
+def group_losses(ops: Any, z: Any, zd: Any, onehot: Any, groups: int) -> tuple[Any, Any]:
+    """The local loss (mean over samples and head groups) and each sample's and group's own
+    derivative along each tangent, (m, N, groups); ``z`` holds the groups' logits side by side."""
+    if groups > 1:
+        k = ops.shape(onehot)[1]
+        onehot = ops.reshape(ops.concat([ops.reshape(onehot, [-1, 1, k])] * groups, 1), [-1, k])
+        z, zd = ops.reshape(z, [-1, k]), ops.reshape(zd, [ops.shape(zd)[0], -1, k])
+    loss, d = cross_entropy(ops, z, zd, onehot, True, per_sample=True)
+    return loss, ops.reshape(d, [ops.shape(d)[0], -1, groups])
 
 
 #: piecewise-linear activations with flat parts: op -> the (lo, hi) bounds of their sloped part
@@ -217,7 +271,8 @@ def site_estimates(ops: Any, site: Site, nodes: Mapping[str, Node], g: Any, valu
     if "pads" in first.attrs:
         x = ops.pad(x, first.attrs["pads"], 0.0)
     w = params[first.params["weight"]]
-    out[first.params["weight"]] = conv_correlation(ops, x, g, first.attrs, tuple(ops.shape(w)[2:]))
+    out[first.params["weight"]] = conv_correlation(ops, x, g, first.attrs, tuple(ops.shape(w)[2:]),
+                                                   first.attrs["groups"])
     if "bias" in first.params:
         out[first.params["bias"]] = _channel_sum(ops, g)
     return out

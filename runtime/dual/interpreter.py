@@ -80,7 +80,8 @@ def run_module(ops: Ops, mod: ModuleSpec, spec: GraphSpec, is_last: bool, x: Any
     if spec.role == c.LOCAL:
         z, zd, _ = run_program(ops, mod.aux, mod.output, y, yd, params, tangents, {}, ctx)
         out[c.Y] = y
-        out[c.LOSS], out[c.LOSS_DOT] = cross_entropy(ops, z, zd, labels, True)
+        out[c.LOSS], per_group = activity.group_losses(ops, z, zd, labels, activity.loss_groups(mod.aux))
+        out[c.LOSS_DOT] = ops.mean(per_group, [1, 2], keepdims=False)
         out[c.LOGITS] = z
     elif is_last and spec.role != c.EVAL:
         loss, dloss = cross_entropy(ops, y, yd, labels, spec.dual)
@@ -128,11 +129,14 @@ def run_activity(ops: Ops, mod: ModuleSpec, spec: GraphSpec, is_last: bool, x: A
     else:
         assert is_last, "a non-last module needs a local head for the activity role"
         z, zd = y, yd
-    out[c.LOSS], d = cross_entropy(ops, z, zd, labels, True, per_sample=True)
+    out[c.LOSS], per_group = activity.group_losses(ops, z, zd, labels, activity.loss_groups(mod.aux))
+    d = ops.mean(per_group, [2], keepdims=False)  # (G·m, N): each sample's whole local loss
     out[c.SAMPLE_DOT], out[c.LOGITS] = d, z
     by_name = {n.name: n for n in mod.nodes + mod.aux}
     for site in plan.sites:
-        g = activity.site_gradient(ops, activity.group_d(ops, d, slot[site.node], m), noise[site.node], m)
+        split = activity.site_groups(site, mod.nodes, mod.aux)
+        own = activity.group_d(ops, per_group if split > 1 else d, slot[site.node], m)
+        g = activity.site_gradient(ops, own, noise[site.node], m, split)
         support = activity.site_support(ops, chains[site.node], values[site.node], values)
         if support is not None:
             g = ops.mul(g, support)

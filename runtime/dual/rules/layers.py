@@ -115,18 +115,25 @@ def im2col(ops, t, attrs: dict, kernel: tuple[int, int]) -> Any:
     return ops.reshape(cols, [-1, n_ci * kh * kw, ops.shape(cols)[2] * ops.shape(cols)[3]])
 
 
-def conv_correlation(ops, x, g, attrs: dict, kernel: tuple[int, int]) -> Any:
-    """Σ_{n,p} g[n,c,p]·x[n,ci,p+t] as (C, Ci, kh, kw): an ungrouped conv's transpose with respect
-    to its weight, applied to g (the weight gradient when g is the output's gradient). One GEMM over
-    the (n, p) pairs of the im2col."""
+def conv_correlation(ops, x, g, attrs: dict, kernel: tuple[int, int], groups: int = 1) -> Any:
+    """Σ_{n,p} g[n,c,p]·x[n,ci,p+t] as (C, Ci/groups, kh, kw): a conv's transpose with respect to
+    its weight, applied to g (the weight gradient when g is the output's gradient); each group
+    correlates its own input and output channels. One (batched) GEMM over the (n, p) pairs of the
+    im2col."""
     kh, kw = kernel
     n_ci = ops.shape(x)[1]
     c = ops.shape(g)[1]
     cols = im2col(ops, x, attrs, kernel)
     k, p = ops.shape(cols)[1:]
-    cols = ops.reshape(ops.transpose(cols, [0, 2, 1]), [-1, k])  # (N·P, Ci·T)
-    rows = ops.reshape(ops.transpose(ops.reshape(g, [-1, c, p]), [1, 0, 2]), [c, -1])  # (C, N·P)
-    return ops.reshape(ops.matmul(rows, cols), [c, n_ci, kh, kw])
+    if groups == 1:
+        cols = ops.reshape(ops.transpose(cols, [0, 2, 1]), [-1, k])  # (N·P, Ci·T)
+        rows = ops.reshape(ops.transpose(ops.reshape(g, [-1, c, p]), [1, 0, 2]), [c, -1])  # (C, N·P)
+        return ops.reshape(ops.matmul(rows, cols), [c, n_ci, kh, kw])
+    cols = ops.reshape(ops.transpose(ops.reshape(cols, [-1, groups, k // groups, p]), [1, 0, 3, 2]),
+                       [groups, -1, k // groups])  # (groups, N·P, Ci/groups·T)
+    rows = ops.reshape(ops.transpose(ops.reshape(g, [-1, groups, c // groups, p]), [1, 2, 0, 3]),
+                       [groups, c // groups, -1])  # (groups, C/groups, N·P)
+    return ops.reshape(ops.matmul(rows, cols), [c, n_ci // groups, kh, kw])
 
 
 def _padded(ops, x, xd, pads: list[int], m: int) -> tuple[Any, Any]:
