@@ -114,7 +114,8 @@ def cached_artifacts(opts: ExportOptions) -> Path:
     if is_valid(target):
         return target
     root.mkdir(parents=True, exist_ok=True)
-    print(f"exporting {opts.model} ({opts.modules} modules, {opts.tangents} tangent(s)) to {target}", file=sys.stderr)
+    count = len(opts.split) + 1 if opts.split else opts.modules
+    print(f"exporting {opts.model} ({count} modules, {opts.tangents} tangent(s)) to {target}", file=sys.stderr)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
     try:
         export(opts, tmp)
