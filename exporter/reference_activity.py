@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from asyncfgd.runtime import contract as c
-from asyncfgd.runtime.dual.activity import WEIGHTS, groups
+from asyncfgd.runtime.dual.activity import WEIGHTS, groups, loss_groups
 from asyncfgd.runtime.dual.program import ModuleSpec, Node, stat_names, weight_names
 from asyncfgd.runtime.masks import draw_masks, dropout_sites
 from asyncfgd.runtime.perturb import fill_signs, fill_tangents
@@ -72,7 +72,7 @@ def module_step(model: torch.nn.Module, spec: ModuleSpec, x: torch.Tensor, label
     sites = [s.node for s in plan.sites]
     m = next(iter(eps.values())).shape[0] if eps else next(iter(u.values())).shape[0]
     wp = list(plan.weight_perturbed)
-    heads = next((n.attrs["groups"] for n in spec.aux if n.op == "conv2d"), 1)
+    heads = loss_groups(spec.aux)
 
     def losses(deltas: Sequence[torch.Tensor], moved: Sequence[torch.Tensor]) -> torch.Tensor:
         """Each sample's loss per head classifier, (N, groups): a grouped head's logits side by side."""
