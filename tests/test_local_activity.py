@@ -72,6 +72,26 @@ def _local_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, 10), labels.repeat_interleave(heads))
 
 
+def _activity_step(ops: TorchOps, mod, m: int, step: int, x: torch.Tensor, onehot: torch.Tensor,
+                   params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One activity-role pass of ``mod`` (torch backend, float64) with step ``step``'s seeded noise."""
+    eps = [np.empty((m, len(x), *s.shape), np.float32) for s in mod.activity.sites]
+    fill_signs(eps, 0, step, mod.index)
+    noise = {s.node: torch.tensor(e, dtype=torch.float64) for s, e in zip(mod.activity.sites, eps, strict=True)}
+    with torch.no_grad():
+        return run_module(ops, mod, GraphSpec(c.ACTIVITY, m, "train"), not mod.aux, x, None, params, {},
+                          {q: v.clone() for q, v in params.items()}, onehot, None, noise)
+
+
+def _local_gradient(model: torch.nn.Module, mod, x: torch.Tensor, labels: torch.Tensor,
+                    params: dict[str, torch.Tensor], names: list[str]) -> tuple[torch.Tensor, ...]:
+    """Autograd's gradient of the module's local loss (its head's, or the true loss) for ``names``."""
+    w = {q: params[q].clone().requires_grad_() for q in weight_names(mod.nodes + mod.aux)}
+    y = run_segment(model, mod, x, {q: w[q] for q in weight_names(mod.nodes)}, None)
+    logits = head_forward(mod.aux, y, w, {}) if mod.aux else y
+    return torch.autograd.grad(_local_loss(logits, labels), [w[q] for q in names])
+
+
 def _modules(k: int) -> list:
     torch.manual_seed(0)
     return split_program(trace(build_model("cnn", 10, (1, 28, 28)), (1, 28, 28)), modules=k)
@@ -145,18 +165,10 @@ def test_estimator_is_consistent_with_autograd(tmp_path: Path, one_torch_thread:
         names = weight_names(mod.nodes + mod.aux)
         mean = {q: torch.zeros_like(params[q]) for q in names}
         for step in range(chunks):
-            eps = [np.empty((chunk, len(x), *s.shape), np.float32) for s in act.sites]
-            fill_signs(eps, 0, step, mod.index)
-            noise = {s.node: torch.tensor(e, dtype=torch.float64) for s, e in zip(act.sites, eps, strict=True)}
-            with torch.no_grad():
-                out = run_module(ops, mod, GraphSpec(c.ACTIVITY, chunk, "train"), mod.index == 1, x, None, params,
-                                 {}, {q: v.clone() for q, v in params.items()}, onehot, None, noise)
+            out = _activity_step(ops, mod, chunk, step, x, onehot, params)
             for q in names:
                 mean[q] += out[c.grad_output(q)] / chunks
-        w = {q: params[q].clone().requires_grad_() for q in names}
-        y = run_segment(model, mod, x, {q: w[q] for q in weight_names(mod.nodes)}, None)
-        logits = head_forward(mod.aux, y, w, {}) if mod.aux else y
-        grads = torch.autograd.grad(_local_loss(logits, labels), [w[q] for q in names])
+        grads = _local_gradient(model, mod, x, labels, params, names)
         est = torch.cat([mean[q].flatten() for q in names])
         true = torch.cat([g.flatten() for g in grads])
         cosine = float(est @ true / (est.norm() * true.norm()))
@@ -310,21 +322,12 @@ def test_support_mask_cuts_the_conv_estimates_noise(tmp_path: Path, monkeypatch:
     params = {k: torch.tensor(v, dtype=torch.float64) for k, v in arts.weights.items()}
     conv = "features.0.0.weight"
     trace_model(model.double(), SHAPE)
-    w = {q: params[q].clone().requires_grad_() for q in weight_names(mod.nodes + mod.aux)}
-    y = run_segment(model, mod, x, {q: w[q] for q in weight_names(mod.nodes)}, None)
-    true, = torch.autograd.grad(_local_loss(head_forward(mod.aux, y, w, {}), labels), [w[conv]])
+    true, = _local_gradient(model, mod, x, labels, params, [conv])
+    onehot = F.one_hot(labels, 10).double()
 
     def estimates() -> torch.Tensor:
-        out = []
-        for step in range(64):
-            eps = [np.empty((4, len(x), *s.shape), np.float32) for s in mod.activity.sites]
-            fill_signs(eps, 0, step, 0)
-            noise = {s.node: torch.tensor(e, dtype=torch.float64) for s, e in zip(mod.activity.sites, eps, strict=True)}
-            with torch.no_grad():
-                res = run_module(ops, mod, GraphSpec(c.ACTIVITY, 4, "train"), False, x, None, params, {},
-                                 {q: v.clone() for q, v in params.items()}, F.one_hot(labels, 10).double(), None, noise)
-            out.append(res[c.grad_output(conv)])
-        return torch.stack(out)
+        return torch.stack([_activity_step(ops, mod, 4, step, x, onehot, params)[c.grad_output(conv)]
+                            for step in range(64)])
 
     masked = estimates()
     monkeypatch.setattr(activity, "site_support", lambda *args: None)
