@@ -7,7 +7,8 @@ weight estimates come from autograd applied to one layer at a time: the vector-J
 of a site's output with respect to its own layers' weights, with the site's G as the cotangent
 (BatchNorm's transpose included), so no hand-written transpose is shared with the runtime. G is
 kept where autograd finds the site's value reaching the loss (the support the runtime reads off
-the site's readers).
+the site's readers). A site whose channels a linear reads apart (``channel_reader``) takes each
+channel's d from a ``jvp`` along ε on that channel alone, one pass per channel.
 
 The method has no delayed updates, so the pipeline equals a sequential loop: module k runs step s
 with the weights its own updates up to step s − 1 left, on the output module k − 1 produced for
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from asyncfgd.runtime import contract as c
-from asyncfgd.runtime.dual.activity import WEIGHTS, groups, loss_groups
+from asyncfgd.runtime.dual.activity import WEIGHTS, channel_reader, groups, loss_groups
 from asyncfgd.runtime.dual.program import ModuleSpec, Node, stat_names, weight_names
 from asyncfgd.runtime.masks import draw_masks, dropout_sites
 from asyncfgd.runtime.perturb import fill_signs, fill_tangents
@@ -98,6 +99,15 @@ def module_step(model: torch.nn.Module, spec: ModuleSpec, x: torch.Tensor, label
             per, dj = cast(tuple[torch.Tensor, torch.Tensor], torch.func.jvp(losses, primals, tang))
             rows.append(dj)
         d[group] = torch.stack(rows)
+    parts: dict[str, torch.Tensor] = {}  # a site read apart by a linear: d from one pass per channel
+    for site in plan.sites:
+        if channel_reader(site, spec.nodes + spec.aux) is None:
+            continue
+        e = eps[site.node]
+        alone = torch.eye(e.shape[2], dtype=e.dtype).reshape(e.shape[2], 1, e.shape[2], *[1] * (e.dim() - 3))
+        parts[site.node] = torch.stack([torch.stack([torch.func.jvp(losses, primals, (tuple(
+            e[j] * alone[ch] if s == site.node else z for s, z in zip(sites, zeros, strict=True)), no_u))[1][:, 0]
+            for ch in range(e.shape[2])], -1) for j in range(m)])  # (m, N, C)
     reach = []  # per head classifier, where each site's value reaches its loss: ∇ ≠ 0 there
     with torch.enable_grad():
         for h in range(heads):
@@ -107,8 +117,11 @@ def module_step(model: torch.nn.Module, spec: ModuleSpec, x: torch.Tensor, label
                           for r, z in zip(grads, zeros, strict=True)])
     estimates: dict[str, torch.Tensor] = {}
     for i, site in enumerate(plan.sites):
-        g = torch.stack([torch.einsum("jn,jn...->n...", d[site.node][..., h], eps[site.node]) * reach[h][i]
-                         for h in range(heads)]).sum(0) / (m * n * heads)
+        if site.node in parts:
+            g = torch.einsum("jnc,jnc...->nc...", parts[site.node], eps[site.node]) * reach[0][i] / (m * n)
+        else:
+            g = torch.stack([torch.einsum("jn,jn...->n...", d[site.node][..., h], eps[site.node]) * reach[h][i]
+                             for h in range(heads)]).sum(0) / (m * n * heads)
         layer_w = [q for name in site.layers for q in spec.node(name).params.values()]
         estimates.update(_vjp(model, spec, x, weights, stats, masks, bn_train, site.node, layer_w, g))
     for q in wp:

@@ -34,6 +34,13 @@ whose channels reach the head only through channelwise layers (activations, Batc
 moves only its own group's loss, so its G takes each group's d from that group alone
 (``site_gradient`` with ``groups``): its noise spans one group's activations, not all of them.
 Other sites take the mean over the groups, the derivative of the whole local loss.
+
+**Channel passes at a linear.** A feature-map site whose channels stay apart up to the linear that
+makes the logits (channelwise layers, then a flatten: the cnn's last block and its true loss) has
+the same freedom with one loss: a tangent pass per channel (ε on that channel alone) is an
+unbiased forward gradient for that channel's part of G, with noise from that channel's activations
+only. The passes need no extra work: up to the linear they are the joint pass, read channel by
+channel, and at the linear each channel's share of the tangent sum is kept apart (``channel_d``).
 """
 from __future__ import annotations
 
@@ -145,11 +152,13 @@ def group_d(ops: Any, d: Any, group: int, m: int) -> Any:
     return ops.slice(d, 0, group * m, (group + 1) * m, 1)
 
 
-def site_gradient(ops: Any, d: Any, eps: Any, m: int, groups: int = 1) -> Any:
+def site_gradient(ops: Any, d: Any, eps: Any, m: int, groups: int = 1, mean_of_groups: bool = True) -> Any:
     """G = Σ_j d_nj·ε_nj / (m·N): the estimate of ∇ of the batch-mean loss at the site, (N, ...).
     ``d`` is (m, N), ``eps`` (m, N, ...) (the artifact contract's layout). With ``groups`` > 1, ``d``
-    is (m, N, groups), each group's own loss derivative, and ε's channels split into that many
-    groups: group c's part of G is Σ_j d_ncj·ε_nj / (m·N·groups) (the local loss is the groups' mean)."""
+    is (m, N, groups), each group's own derivative, and ε's channels split into that many groups:
+    group c's part of G is Σ_j d_ncj·ε_nj / (m·N·groups) when the local loss is the mean of the
+    groups' losses (a grouped head), Σ_j d_ncj·ε_nj / (m·N) when the d are parts of one loss's
+    derivative (``channel_d``, ``mean_of_groups`` False)."""
     shape = ops.shape(eps)
     if groups == 1:
         dd = ops.reshape(d, [m, -1, *([1] * (len(shape) - 2))])
@@ -158,7 +167,8 @@ def site_gradient(ops: Any, d: Any, eps: Any, m: int, groups: int = 1) -> Any:
         dd = ops.reshape(d, [m, -1, groups, 1])
         split = ops.reshape(eps, [m, -1, groups, math.prod(shape[2:]) // groups])
         total = ops.reshape(ops.sum(ops.mul(dd, split), [0], keepdims=False), [-1, *shape[2:]])
-    return ops.div(total, ops.mul(ops.batch_count(total, 1), ops.const(float(m * groups))))
+    share = groups if mean_of_groups else 1
+    return ops.div(total, ops.mul(ops.batch_count(total, 1), ops.const(float(m * share))))
 
 
 def loss_groups(aux: list[Node]) -> int:
@@ -187,6 +197,46 @@ def site_groups(site: Site, nodes: list[Node], aux: list[Node]) -> int:
             return 1
         name = users[0].name
     return groups
+
+
+def channel_reader(site: Site, nodes: list[Node]) -> Node | None:
+    """The linear that makes the logits, when it reads the feature-map site's channels apart: every
+    path from the site reaches it through channelwise layers and then a flatten; else None."""
+    if len(site.shape) != 3:
+        return None
+    reads = readers(nodes)
+    name = site.node
+    while True:
+        users = reads.get(name, [])
+        if len(users) != 1:
+            return None
+        user = users[0]
+        if user.op in ("flatten", "reshape") and len(user.shape) == 1:  # row-major: channel c's block
+            after = reads.get(user.name, [])
+            last = nodes[-1]
+            return last if len(after) == 1 and after[0].name == last.name and last.op == "linear" else None
+        if user.op not in _CHANNELWISE:
+            return None
+        name = user.name
+
+
+def channel_d(ops: Any, xd: Any, weight: Any, z: Any, onehot: Any, channels: int) -> Any:
+    """Each channel's own d, (m, N, channels), for a site read apart by a linear (``channel_reader``).
+
+    Up to the linear, a tangent on one channel stays in that channel, so a pass per channel would
+    give ż_c = W_c·ẋ_c at the logits, and d_c the loss's derivative along it; Σ_c d_c is the joint
+    pass's d. The joint pass already holds every ẋ_c: the linear's tangent sum is split by the
+    channel each input came from. ``xd`` is the linear's input tangent along the site's own slots in
+    the rules' layout (N, m, C·hw), ``weight`` the linear's (K, C·hw), ``z`` the logits (N, K)."""
+    _, m, f = ops.shape(xd)
+    k, hw = ops.shape(weight)[0], f // channels
+    per_channel = ops.reshape(ops.transpose(ops.reshape(xd, [-1, m, channels, hw]), [2, 0, 1, 3]),
+                              [channels, -1, hw])  # (C, N·m, hw)
+    w = ops.transpose(ops.reshape(weight, [k, channels, hw]), [1, 2, 0])  # (C, hw, K)
+    parts = ops.reshape(ops.matmul(per_channel, w), [channels, -1, m, k])  # (C, N, m, K)
+    zd = ops.reshape(ops.transpose(parts, [2, 1, 0, 3]), [m, -1, channels * k])
+    _, d = group_losses(ops, ops.concat([z] * channels, 1), zd, onehot, channels)
+    return d
 
 
 def group_losses(ops: Any, z: Any, zd: Any, onehot: Any, groups: int) -> tuple[Any, Any]:

@@ -119,13 +119,19 @@ def run_activity(ops: Ops, mod: ModuleSpec, spec: GraphSpec, is_last: bool, x: A
     chains = {s.node: activity.support_chain(s, mod.nodes + mod.aux) for s in plan.sites}
     wanted = {n for s in plan.sites for layer in s.layers for n in (layer, *mod.node(layer).inputs)}
     wanted |= {n.name for chain in chains.values() for n in chain}
+    readers_apart = {s.node: activity.channel_reader(s, mod.nodes + mod.aux) for s in plan.sites
+                     if activity.site_groups(s, mod.nodes, mod.aux) == 1}
+    apart = {site: lin for site, lin in readers_apart.items() if lin is not None}
+    wanted |= {lin.inputs[0] for lin in apart.values()}
     values: dict[str, Any] = {}
+    dots: dict[str, Any] = {}
     y, yd, new_stats = run_program(ops, mod.nodes, mod.input, x, None, params, u, stats, ctx,
-                                   masks, inject, values, wanted)
+                                   masks, inject, values, wanted, dots)
     out: dict[str, Any] = {}
     if mod.aux:
         out[c.Y] = y
-        z, zd, _ = run_program(ops, mod.aux, mod.output, y, yd, params, u, {}, ctx, None, inject, values, wanted)
+        z, zd, _ = run_program(ops, mod.aux, mod.output, y, yd, params, u, {}, ctx, None, inject, values, wanted,
+                               dots)
     else:
         assert is_last, "a non-last module needs a local head for the activity role"
         z, zd = y, yd
@@ -134,9 +140,16 @@ def run_activity(ops: Ops, mod: ModuleSpec, spec: GraphSpec, is_last: bool, x: A
     out[c.SAMPLE_DOT], out[c.LOGITS] = d, z
     by_name = {n.name: n for n in mod.nodes + mod.aux}
     for site in plan.sites:
-        split = activity.site_groups(site, mod.nodes, mod.aux)
-        own = activity.group_d(ops, per_group if split > 1 else d, slot[site.node], m)
-        g = activity.site_gradient(ops, own, noise[site.node], m, split)
+        lin = apart.get(site.node)
+        if lin is not None:
+            xd = ops.slice(dots[lin.inputs[0]], 1, slot[site.node] * m, (slot[site.node] + 1) * m, 1)
+            channels = site.shape[0]
+            own = activity.channel_d(ops, xd, params[lin.params["weight"]], z, labels, channels)
+            g = activity.site_gradient(ops, own, noise[site.node], m, channels, mean_of_groups=False)
+        else:
+            split = activity.site_groups(site, mod.nodes, mod.aux)
+            own = activity.group_d(ops, per_group if split > 1 else d, slot[site.node], m)
+            g = activity.site_gradient(ops, own, noise[site.node], m, split)
         support = activity.site_support(ops, chains[site.node], values[site.node], values)
         if support is not None:
             g = ops.mul(g, support)
@@ -155,7 +168,7 @@ def run_program(ops: Ops, nodes: list[Node], input_name: str, x: Any, x_dot: Any
                 tangents: dict[str, Any], stats: dict[str, Any], ctx: RuleContext,
                 masks: dict[str, Any] | None = None, inject: dict[str, Any] | None = None,
                 values: dict[str, Any] | None = None, wanted: set[str] | None = None,
-                ) -> tuple[Any, Any, dict[str, Any]]:
+                dots: dict[str, Any] | None = None) -> tuple[Any, Any, dict[str, Any]]:
     """Interpret ``nodes`` on (x, ẋ): returns (y, ẏ, updated BN statistics by qualified name).
 
     ``x_dot`` and ẏ are (m, N, ...), the artifact contract's layout; the rules work on (N, m, ...)
@@ -192,6 +205,8 @@ def run_program(ops: Ops, nodes: list[Node], input_name: str, x: Any, x_dot: Any
         new_stats.update({node.buffers[role]: v for role, v in upd.items()})
     if values is not None and wanted:
         values.update({k: v[0] for k, v in env.items() if k in wanted})
+        if dots is not None:
+            dots.update({k: v[1] for k, v in env.items() if k in wanted})
     y, yd = env[nodes[-1].name]
     return y, swap_major(ops, yd, ctx.m, to_samples=False), new_stats
 
