@@ -8,7 +8,9 @@ of a site's output with respect to its own layers' weights, with the site's G as
 (BatchNorm's transpose included), so no hand-written transpose is shared with the runtime. G is
 kept where autograd finds the site's value reaching the loss (the support the runtime reads off
 the site's readers). A site whose channels a linear reads apart (``channel_reader``) takes each
-channel's d from a ``jvp`` along ε on that channel alone, one pass per channel.
+channel's d from a ``jvp`` along ε on that channel alone, one pass per channel. A cell site
+(``cell_shape``) is perturbed along its cell tangents, and each cell's estimate is spread over the
+entries where autograd finds each classifier's loss reaching the site.
 
 The method has no delayed updates, so the pipeline equals a sequential loop: module k runs step s
 with the weights its own updates up to step s − 1 left, on the output module k − 1 produced for
@@ -24,7 +26,16 @@ import torch
 import torch.nn.functional as F
 
 from asyncfgd.runtime import contract as c
-from asyncfgd.runtime.dual.activity import WEIGHTS, channel_reader, groups, loss_groups
+from asyncfgd.runtime.dual.activity import (
+    WEIGHTS,
+    cell_layout,
+    cell_shape,
+    channel_reader,
+    groups,
+    loss_groups,
+    site_groups,
+    support_chain,
+)
 from asyncfgd.runtime.dual.program import ModuleSpec, Node, stat_names, weight_names
 from asyncfgd.runtime.masks import draw_masks, dropout_sites
 from asyncfgd.runtime.perturb import fill_signs, fill_tangents
@@ -86,6 +97,18 @@ def module_step(model: torch.nn.Module, spec: ModuleSpec, x: torch.Tensor, label
 
     n = len(x)
     zeros = tuple(torch.zeros(n, *s.shape, dtype=x.dtype) for s in plan.sites)
+    cells = {s.node: cell_shape(s, spec.nodes + spec.aux, support_chain(s, spec.nodes + spec.aux))
+             for s in plan.sites}
+    xi = {}  # a cell site's tangent: one value per cell, signs from ε times the Hadamard rows
+    for site in plan.sites:
+        if cells[site.node]:
+            ch, cw = cells[site.node]
+            signs = eps[site.node][0, :, :, ::ch, ::cw]
+            shared = site_groups(site, spec.nodes, spec.aux)  # the groups whose cells share one d
+            grid = (signs.shape[2], signs.shape[3])
+            xi[site.node] = signs * torch.from_numpy(cell_layout(m, signs.shape[1], grid, shared))
+    along = {s: xi[s].repeat_interleave(cells[s][0], -2).repeat_interleave(cells[s][1], -1) if s in xi else eps[s]
+             for s in sites}
     primals = (zeros, tuple(weights[q] for q in wp))
     no_u = tuple(torch.zeros_like(weights[q]) for q in wp)
     d: dict[str, torch.Tensor] = {}  # by perturbation group: (m, N, heads), each along its own tangents
@@ -95,13 +118,13 @@ def module_step(model: torch.nn.Module, spec: ModuleSpec, x: torch.Tensor, label
             if group == WEIGHTS:
                 tang = (zeros, tuple(u[q][j] for q in wp))
             else:
-                tang = (tuple(eps[s][j] if s == group else z for s, z in zip(sites, zeros, strict=True)), no_u)
+                tang = (tuple(along[s][j] if s == group else z for s, z in zip(sites, zeros, strict=True)), no_u)
             per, dj = cast(tuple[torch.Tensor, torch.Tensor], torch.func.jvp(losses, primals, tang))
             rows.append(dj)
         d[group] = torch.stack(rows)
     parts: dict[str, torch.Tensor] = {}  # a site read apart by a linear: d from one pass per channel
     for site in plan.sites:
-        if channel_reader(site, spec.nodes + spec.aux) is None:
+        if channel_reader(site, spec.nodes + spec.aux) is None or cells[site.node]:
             continue
         e = eps[site.node]
         alone = torch.eye(e.shape[2], dtype=e.dtype).reshape(e.shape[2], 1, e.shape[2], *[1] * (e.dim() - 3))
@@ -119,6 +142,14 @@ def module_step(model: torch.nn.Module, spec: ModuleSpec, x: torch.Tensor, label
     for i, site in enumerate(plan.sites):
         if site.node in parts:
             g = torch.einsum("jnc,jnc...->nc...", parts[site.node], eps[site.node]) * reach[0][i] / (m * n)
+        elif site.node in xi:  # each cell's estimate, shared by the entries through which its loss moves
+            ch, cw = cells[site.node]
+            g = torch.zeros_like(zeros[i])
+            for h in range(heads):
+                per_cell = torch.einsum("jn,jn...->n...", d[site.node][..., h], xi[site.node])
+                count = F.avg_pool2d(reach[h][i], (ch, cw)).mul(ch * cw).clamp(min=1)
+                g += (per_cell / count).repeat_interleave(ch, -2).repeat_interleave(cw, -1) * reach[h][i]
+            g /= m * n * heads
         else:
             g = torch.stack([torch.einsum("jn,jn...->n...", d[site.node][..., h], eps[site.node]) * reach[h][i]
                              for h in range(heads)]).sum(0) / (m * n * heads)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from asyncfgd.app.training.data import load_digits, one_hot
 from asyncfgd.exporter.export import export_model
-from asyncfgd.exporter.local_heads import aux_head
+from asyncfgd.exporter.local_heads import aux_head, init_aux_weights
 from asyncfgd.exporter.models import build_model, model_spec
 from asyncfgd.exporter.reference_activity import head_forward, run_local_activity_reference
 from asyncfgd.exporter.split import split_program
@@ -32,6 +32,7 @@ from asyncfgd.runtime.artifacts import load_artifacts
 from asyncfgd.runtime.dual import activity
 from asyncfgd.runtime.dual.activity import (
     PlanError,
+    cell_shape,
     channel_reader,
     groups,
     loss_groups,
@@ -100,7 +101,8 @@ def _modules(k: int) -> list:
 
 def test_plan_follows_the_variance_rule_and_overrides():
     """The 28x28 cnn: conv 1 has 16·28·28 activations per sample / 64 = 196 > its 144 + 32 weights (with its
-    BatchNorm): weights; conv 2 (32·14·14 / 64 = 98 < 4672) and the 10-logit linear layers: activity."""
+    BatchNorm): weights, unless its grid head makes it a cell site (docs/algorithm.md); conv 2
+    (32·14·14 / 64 = 98 < 4672) and the 10-logit linear layers: activity."""
     first, second = _modules(2)
     assert plan(first.nodes, [], 64, True).weight_perturbed == ["features.0.0.weight", "features.0.1.weight",
                                                                 "features.0.1.bias"]
@@ -111,6 +113,9 @@ def test_plan_follows_the_variance_rule_and_overrides():
     forced = plan(first.nodes, [], 64, True, {"features.0.0": "activity"})
     assert [s.node for s in forced.sites] == ["features.0.1"] and not forced.weight_perturbed
     assert plan(first.nodes, [], 4096, True).weight_perturbed == []  # a larger batch averages more noise away
+    head = aux_head(first, first.nodes[-1].shape, 10, grid=2, groups=16)
+    cells = plan(first.nodes, head, 64, True)  # with its grid head conv 1 is a cell site: 16·2·2 / 64 = 1 < 176
+    assert [s.node for s in cells.sites][0] == "features.0.1" and not cells.weight_perturbed
     (whole,) = _modules(1)
     coupled = plan(whole.nodes, [], 64, True)  # conv 1's samples meet again in BatchNorm 2: no site
     assert "features.0.0.weight" in coupled.weight_perturbed
@@ -185,13 +190,22 @@ def frozen(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Mod
     return out, _export(out, 2, bn_mode="frozen", modules=1)
 
 
-@pytest.mark.parametrize("artifacts", ["mixed", "frozen"])
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    """The rule's plan: block 1's conv a cell site, block 2's read apart by the classifier."""
+    out = tmp_path_factory.mktemp("act") / "planned"
+    return out, _export(out, 2)
+
+
+@pytest.mark.parametrize("artifacts", ["mixed", "frozen", "planned"])
 def test_runtime_matches_the_oracle_step_for_step(artifacts: str, request: pytest.FixtureRequest,
                                                   one_torch_thread: None):
     art, model = request.getfixturevalue(artifacts)
     arts = load_artifacts(art)
     if artifacts == "frozen":
         assert [s.node for s in arts.modules[0].activity.sites] == ["features.0.1", "features.1.1", "head"]
+    if artifacts == "planned":
+        assert [s.node for s in arts.modules[0].activity.sites] == ["features.0.1", "aux0.fc"]
     rng = np.random.default_rng(1)
     batches = [(rng.standard_normal((16, *SHAPE)).astype(np.float32), rng.integers(0, 10, 16)) for _ in range(3)]
     heads = {k: v for k, v in arts.weights.items() if k.startswith("aux")}
@@ -309,15 +323,16 @@ def test_site_support_is_where_autograd_finds_the_site_reaching_the_output(act, 
 
 
 @pytest.mark.parametrize("module, conv, switch, bound", [
-    (0, "features.0.0.weight", "site_support", 0.6),    # measured 2.44 vs 5.12
+    (0, "features.0.0.weight", "cell_shape", 0.3),      # measured 3e-29 (exact: 4 tangents, 4 cells) vs 2.44
+    (1, "features.1.0.weight", "site_support", 0.6),    # measured 0.28 vs 1.65
     (1, "features.1.0.weight", "channel_reader", 0.3),  # measured 0.28 vs 3.08
 ])
 def test_each_variance_cut_removes_noise_not_signal(module: int, conv: str, switch: str, bound: float,
                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """The support mask (first block) and the channel passes at the classifier (last block) remove
-    noise, not signal: over 64 steps of 4 tangents, the block's conv estimate (64 digits) has a
-    smaller mean squared error with the true gradient with the cut than without it, and the same
-    mean (unbiased either way, within the 64-step average's noise)."""
+    """Cell tangents (first block), the support mask and the channel passes at the classifier (last
+    block) remove noise, not signal: over 64 steps of 4 tangents, the block's conv estimate (64
+    digits) has a smaller mean squared error with the true gradient with the cut than without it,
+    and the same mean (unbiased either way, within the 64-step average's noise)."""
     model = _export(tmp_path / "a", 4)
     arts = load_artifacts(tmp_path / "a")
     mods = module_specs(arts.manifest)
@@ -384,3 +399,30 @@ def test_a_linear_reads_channels_apart_only_after_channelwise_layers():
     found = {s.node: channel_reader(s, nodes) for s in p.sites}
     assert {k: v and v.name for k, v in found.items()} == {"features.0.1": None, "features.1.1": "head",
                                                           "head": None}
+
+
+@pytest.mark.parametrize("heads, m, exact", [(4, 4, True), (4, 2, False), (1, 16, True), (1, 8, False)])
+def test_cell_tangents_give_the_exact_local_gradient_when_m_covers_the_cells(heads: int, m: int, exact: bool):
+    """Block 1's conv (4 channels) reaches its 2 x 2 grid head through ReLU and a tiled max-pool: its
+    local gradient is constant over each cell's support. With one classifier per channel each d
+    moves 4 cells, with one classifier for all 16: when m is a multiple of that count the Hadamard
+    cell tangents span them and the estimate is autograd's gradient (random inputs: no ties);
+    with fewer tangents it is only an estimate."""
+    torch.manual_seed(0)
+    model = build_model("cnn", 10, SHAPE, channels=(4, 8)).double()
+    mod = split_program(trace(model, SHAPE), modules=2)[0]
+    mod.aux = aux_head(mod, mod.nodes[-1].shape, 10, grid=2, groups=heads)
+    mod.activity = plan(mod.nodes, mod.aux, 16, True)
+    site = mod.activity.sites[0]
+    assert cell_shape(site, mod.nodes + mod.aux, support_chain(site, mod.nodes + mod.aux)) == (4, 4)
+    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    params.update({k: torch.tensor(v, dtype=torch.float64) for k, v in init_aux_weights(mod.aux, 10, 0).items()})
+    x = torch.randn(16, *SHAPE, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    labels = torch.arange(16) % 10
+    names = ["features.0.0.weight", "features.0.1.weight", "features.0.1.bias"]
+    out = _activity_step(TorchOps(dtype=torch.float64), mod, m, 0, x, F.one_hot(labels, 10).double(), params)
+    for q, true in zip(names, _local_gradient(model, mod, x, labels, params, names), strict=True):
+        if exact:
+            torch.testing.assert_close(out[c.grad_output(q)], true, rtol=1e-9, atol=1e-12)
+        else:
+            assert float((out[c.grad_output(q)] - true).norm()) > 0.05 * float(true.norm()), q

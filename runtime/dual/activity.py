@@ -24,8 +24,8 @@ side, the non-maxima of a tiled max-pool window) carry noise and no signal; ``si
 the entries that can reach the loss and G is multiplied by it. Any superset of the true support
 keeps the estimate unbiased (E[d ε_p] = ∇_p ℓ = 0 off it), so ties in a window may all be kept.
 
-``plan`` chooses per layer (``perturbation_rule``): activity where the site has fewer
-activations per sample, divided by the batch, than the layer has weights; weight perturbation
+``plan`` chooses per layer (``perturbation_rule``): activity where the site draws fewer numbers
+per sample (activations, or cells), divided by the batch, than the layer has weights; weight perturbation
 otherwise (and for every layer with no site form: norms alone, embeddings).
 
 **Channel-group losses.** A local head may hold one classifier per channel group of the module's
@@ -47,6 +47,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from typing import Any
+
+import numpy as np
 
 from .program import ActivityPlan, Node, Site, readers
 from .rules.core import RuleContext
@@ -93,14 +95,21 @@ def layer_weights(nodes: list[Node], site: Site) -> int:
     return sum(by_name[layer].weights for layer in site.layers)
 
 
-def perturbation_rule(site: Site, weights: int, batch: int) -> str:
-    """Activity where a site's activations per sample / batch < the layer's weights, else weight.
+def perturbation_rule(noise: int, weights: int, batch: int) -> str:
+    """Activity where a site's noise per sample / batch < the layer's weights, else weight.
 
     Weight perturbation's relative variance grows with the weights P it perturbs together
-    ((P + 2)/m for Gaussian u); activity perturbation's with the site's activations per sample D,
-    averaged over the batch's N independent samples (≈ D/(m·N) when per-sample gradients agree).
+    ((P + 2)/m for Gaussian u); activity perturbation's with the numbers D drawn per sample at the
+    site (its activations; a cell site's cells), averaged over the batch's N independent samples
+    (≈ D/(m·N) when per-sample gradients agree).
     """
-    return "activity" if math.prod(site.shape) / batch < weights else "weight"
+    return "activity" if noise / batch < weights else "weight"
+
+
+def noise_size(site: Site, nodes: list[Node]) -> int:
+    """The numbers drawn per sample at a site: one per cell at a cell site, else one per activation."""
+    cells = cell_shape(site, nodes, support_chain(site, nodes))
+    return math.prod(site.shape) // (cells[0] * cells[1] if cells else 1)
 
 
 def plan(nodes: list[Node], aux: list[Node], batch: int, bn_train: bool,
@@ -125,7 +134,8 @@ def plan(nodes: list[Node], aux: list[Node], batch: int, bn_train: bool,
             raise PlanError(f"layer {layer!r} cannot be activity-perturbed: {why}")
     for site in sites.values():
         given = [choose[layer] for layer in site.layers if layer in choose]
-        how = given[0] if given else perturbation_rule(site, layer_weights(everything, site), batch)
+        how = given[0] if given else perturbation_rule(noise_size(site, everything), layer_weights(everything, site),
+                                                       batch)
         if how == "activity":
             chosen.append(site)
     covered = {layer for s in chosen for layer in s.layers}
@@ -291,6 +301,80 @@ def site_support(ops: Any, chain: list[Node], z: Any, values: Mapping[str, Any])
         peaks = ops.eq_mask(values[act.name], ops.upsample(values[chain[1].name], kh, kw))
         support = ops.mul(support, peaks)
     return support
+
+
+def cell_shape(site: Site, nodes: list[Node], chain: list[Node]) -> tuple[int, int] | None:
+    """The site's cells (rows, cols) when its local gradient is constant over each cell's support:
+    after ``chain`` (``support_chain``) its only reader is a head's average pool whose grid divides
+    the map, so every supported entry of a cell reaches the head with the same weight; else None."""
+    last = chain[-1] if chain else None
+    users = readers(nodes).get(last.name if last else site.node, [])
+    if len(site.shape) != 3 or len(users) != 1 or users[0].op not in ("adaptive_avgpool2d", "global_avgpool"):
+        return None
+    h, w = (last.shape if last else site.shape)[1:]
+    gh, gw = users[0].shape[1:]
+    if h % gh or w % gw:
+        return None
+    kh, kw = chain[1].attrs["kernel"] if len(chain) == 2 else (1, 1)
+    return h // gh * kh, w // gw * kw
+
+
+def cell_sum(ops: Any, t: Any, cells: tuple[int, int]) -> Any:
+    """Sums of ``t``'s (…, N, C, H, W) entries over each (rows × cols) cell: (…, N, C, H/rows, W/cols)."""
+    *lead, c, h, w = ops.shape(t)
+    ch, cw = cells
+    lead[-1] = -1  # the batch
+    split = ops.reshape(t, [*lead, c, h // ch, ch, w // cw, cw])
+    n = len(lead) + 1
+    return ops.sum(split, [n + 1, n + 3], keepdims=False)
+
+
+def cell_directions(m: int, cells: int) -> np.ndarray:
+    """(m, cells) of ±1: rows j mod P of the P × P Sylvester-Hadamard matrix (P the least power of
+    two ≥ ``cells``), its first ``cells`` columns. The columns are orthogonal over every P rows."""
+    h = np.ones((1, 1), np.float32)
+    while len(h) < cells:
+        h = np.block([[h, h], [h, -h]])
+    return h[np.arange(m) % len(h), :cells]
+
+
+def cell_noise(ops: Any, eps: Any, cells: tuple[int, int], m: int, groups: int) -> Any:
+    """ξ_j = σ ⊙ ``cell_directions``_j, (m, N, C, rows, cols): the signs σ are ε's first tangent at
+    each cell's first entry; the directions run over the cells that share one d (a group's
+    channels' cells, ``groups`` as in ``site_gradient``). E[ξ_j ξ_jᵀ] = I for any m (the signs are
+    independent across cells); with m a multiple of P, Σ_j ξ_j ξ_jᵀ = m·I exactly, so the estimate
+    of a gradient that lies in the cells' span carries no noise at all."""
+    *_, c, h, w = ops.shape(eps)
+    grid = (h // cells[0], w // cells[1])
+    signs = ops.strided_hw(ops.slice(eps, 0, 0, 1, 1), (0, 0), cells, grid)  # (1, N, C, rows, cols)
+    return ops.mul(signs, ops.const(cell_layout(m, c, grid, groups)))
+
+
+def cell_layout(m: int, channels: int, grid: tuple[int, int], groups: int) -> np.ndarray:
+    """``cell_directions`` over each group's (channels / groups) × rows × cols cells, the same for
+    every group: (m, 1, C, rows, cols)."""
+    per_group = channels // groups
+    dirs = cell_directions(m, per_group * grid[0] * grid[1]).reshape(m, 1, per_group, *grid)
+    return np.tile(dirs, (1, 1, groups, 1, 1))
+
+
+def cell_gradient(ops: Any, c_hat: Any, support: Any | None, cells: tuple[int, int], chain: list[Node]) -> Any:
+    """G from the cells' estimates (N, C, rows, cols), spread over each cell's support.
+
+    Every supported entry of a cell moves the loss alike, so each takes the cell's estimate over
+    the number of max-pool windows through which the cell moves it. Tied maxima of a window share
+    their window's part (the pool passes one tangent per window: a cell tangent cannot tell them
+    apart; their input patches are alike where the map is flat, where ties happen)."""
+    ch, cw = cells
+    if support is None:
+        return ops.upsample(ops.div(c_hat, ops.const(float(ch * cw))), ch, cw)
+    if len(chain) == 2:
+        kh, kw = chain[1].attrs["kernel"]
+        per_window = ops.mul(ops.avgpool(support, [kh, kw], [kh, kw], [0, 0], False, True),
+                             ops.const(float(kh * kw)))
+        support = ops.div(support, ops.clip(ops.upsample(per_window, kh, kw), 1.0, float(kh * kw)))
+    count = ops.clip(cell_sum(ops, support, cells), 1.0, float(ch * cw))
+    return ops.mul(ops.upsample(ops.div(c_hat, count), ch, cw), support)
 
 
 def weight_estimate(ops: Any, d: Any, u: Any, m: int) -> Any:

@@ -112,15 +112,22 @@ def run_activity(ops: Ops, mod: ModuleSpec, spec: GraphSpec, is_last: bool, x: A
     m, groups = spec.m, activity.groups(plan)
     ctx = replace(spec.context(), m=m * len(groups))
     slot = {g: i for i, g in enumerate(groups)}
-    # each site's ε (m, N, ...) -> (N, m, ...) -> its slots of the (N, G·m, ...) tangent, zeros elsewhere
-    inject = {s.node: activity.in_slots(ops, swap_major(ops, noise[s.node], m, to_samples=True), slot[s.node],
+    chains = {s.node: activity.support_chain(s, mod.nodes + mod.aux) for s in plan.sites}
+    found = {s.node: activity.cell_shape(s, mod.nodes + mod.aux, chains[s.node]) for s in plan.sites}
+    cells = {site: cell for site, cell in found.items() if cell is not None}
+    split = {s.node: activity.site_groups(s, mod.nodes, mod.aux) for s in plan.sites}
+    # a cell site's noise is one number per cell (ξ), its tangent ξ spread over the cell
+    xi = {site: activity.cell_noise(ops, noise[site], cell, m, split[site]) for site, cell in cells.items()}
+    tangent = {s.node: ops.upsample(xi[s.node], *cells[s.node]) if s.node in cells else noise[s.node]
+               for s in plan.sites}
+    # each site's tangent (m, N, ...) -> (N, m, ...) -> its slots of the (N, G·m, ...) tangent, zeros elsewhere
+    inject = {s.node: activity.in_slots(ops, swap_major(ops, tangent[s.node], m, to_samples=True), slot[s.node],
                                         len(groups), axis=1) for s in plan.sites}
     u = {q: activity.in_slots(ops, tangents[q], slot[activity.WEIGHTS], len(groups)) for q in plan.weight_perturbed}
-    chains = {s.node: activity.support_chain(s, mod.nodes + mod.aux) for s in plan.sites}
     wanted = {n for s in plan.sites for layer in s.layers for n in (layer, *mod.node(layer).inputs)}
     wanted |= {n.name for chain in chains.values() for n in chain}
     readers_apart = {s.node: activity.channel_reader(s, mod.nodes + mod.aux) for s in plan.sites
-                     if activity.site_groups(s, mod.nodes, mod.aux) == 1}
+                     if split[s.node] == 1 and s.node not in cells}
     apart = {site: lin for site, lin in readers_apart.items() if lin is not None}
     wanted |= {lin.inputs[0] for lin in apart.values()}
     values: dict[str, Any] = {}
@@ -147,11 +154,12 @@ def run_activity(ops: Ops, mod: ModuleSpec, spec: GraphSpec, is_last: bool, x: A
             own = activity.channel_d(ops, xd, params[lin.params["weight"]], z, labels, channels)
             g = activity.site_gradient(ops, own, noise[site.node], m, channels, mean_of_groups=False)
         else:
-            split = activity.site_groups(site, mod.nodes, mod.aux)
-            own = activity.group_d(ops, per_group if split > 1 else d, slot[site.node], m)
-            g = activity.site_gradient(ops, own, noise[site.node], m, split)
+            own = activity.group_d(ops, per_group if split[site.node] > 1 else d, slot[site.node], m)
+            g = activity.site_gradient(ops, own, xi.get(site.node, noise[site.node]), m, split[site.node])
         support = activity.site_support(ops, chains[site.node], values[site.node], values)
-        if support is not None:
+        if site.node in cells:
+            g = activity.cell_gradient(ops, g, support, cells[site.node], chains[site.node])
+        elif support is not None:
             g = ops.mul(g, support)
         for q, est in activity.site_estimates(ops, site, by_name, g, values, params, stats, ctx).items():
             out[c.grad_output(q)] = est
