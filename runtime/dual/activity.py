@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -303,20 +304,52 @@ def site_support(ops: Any, chain: list[Node], z: Any, values: Mapping[str, Any])
     return support
 
 
-def cell_shape(site: Site, nodes: list[Node], chain: list[Node]) -> tuple[int, int] | None:
-    """The site's cells (rows, cols) when its local gradient is constant over each cell's support:
-    after ``chain`` (``support_chain``) its only reader is a head's average pool whose grid divides
-    the map, so every supported entry of a cell reaches the head with the same weight; else None."""
+def cell_pool(site: Site, nodes: list[Node], chain: list[Node]) -> Node | None:
+    """What makes a cell site: an average pool that alone reads the site after ``chain``
+    (``support_chain``) and whose grid divides the map, so every supported entry of a cell
+    reaches the head with the same weight; None for other sites."""
     last = chain[-1] if chain else None
     users = readers(nodes).get(last.name if last else site.node, [])
     if len(site.shape) != 3 or len(users) != 1 or users[0].op not in ("adaptive_avgpool2d", "global_avgpool"):
         return None
     h, w = (last.shape if last else site.shape)[1:]
     gh, gw = users[0].shape[1:]
-    if h % gh or w % gw:
+    return None if h % gh or w % gw else users[0]
+
+
+def cell_shape(site: Site, nodes: list[Node], chain: list[Node]) -> tuple[int, int] | None:
+    """A cell site's cells at the site, (rows, cols); None for other sites."""
+    pool = cell_pool(site, nodes, chain)
+    if pool is None:
         return None
+    h, w = (chain[-1].shape if chain else site.shape)[1:]
+    gh, gw = pool.shape[1:]
     kh, kw = chain[1].attrs["kernel"] if len(chain) == 2 else (1, 1)
     return h // gh * kh, w // gw * kw
+
+
+@dataclass(frozen=True)
+class PooledTangent:
+    """A cell site's tangent as its pool's output sees it, added there instead of at the site.
+
+    Carried through the activation, the max-pool and the pool, U(ξ) arrives as ξ times the share
+    of the pool's inputs in each cell through which the site moves (the activation's sloped part
+    at the window maxima; the pool's input alone tells it), so the pass needs no full-size tangent
+    from the site to the head: a speed form (the oracle carries U(ξ) itself)."""
+
+    xi: Any  # (N, G·m, C, rows, cols): the rules' layout, in the site's slots
+    chain: tuple[Node, ...]
+
+    def at(self, ops: Any, x: Any) -> Any:
+        """The tangent to add to the pool's output, given the pool's input x (N, C, H, W)."""
+        if not self.chain:
+            return self.xi
+        *_, c, h, w = ops.shape(x)
+        gh, gw = ops.shape(self.xi)[-2:]
+        act = self.chain[0]
+        moving = ops.step_mask(x, *_SLOPED[act.op](act.attrs))
+        share = ops.div(cell_sum(ops, moving, (h // gh, w // gw)), ops.const(float(h // gh * (w // gw))))
+        return ops.mul(self.xi, ops.reshape(share, [-1, 1, c, gh, gw]))
 
 
 def cell_sum(ops: Any, t: Any, cells: tuple[int, int]) -> Any:

@@ -118,11 +118,17 @@ def run_activity(ops: Ops, mod: ModuleSpec, spec: GraphSpec, is_last: bool, x: A
     split = {s.node: activity.site_groups(s, mod.nodes, mod.aux) for s in plan.sites}
     # a cell site's noise is one number per cell (ξ), its tangent ξ spread over the cell
     xi = {site: activity.cell_noise(ops, noise[site], cell, m, split[site]) for site, cell in cells.items()}
-    tangent = {s.node: ops.upsample(xi[s.node], *cells[s.node]) if s.node in cells else noise[s.node]
-               for s in plan.sites}
-    # each site's tangent (m, N, ...) -> (N, m, ...) -> its slots of the (N, G·m, ...) tangent, zeros elsewhere
-    inject = {s.node: activity.in_slots(ops, swap_major(ops, tangent[s.node], m, to_samples=True), slot[s.node],
-                                        len(groups), axis=1) for s in plan.sites}
+    # each site's tangent (m, N, ...) -> (N, m, ...) -> its slots of the (N, G·m, ...) tangent, zeros elsewhere;
+    # a cell site's enters at its pool (activity.PooledTangent)
+    inject: dict[str, Any] = {}
+    for s in plan.sites:
+        slots = activity.in_slots(ops, swap_major(ops, xi.get(s.node, noise[s.node]), m, to_samples=True),
+                                  slot[s.node], len(groups), axis=1)
+        pool = activity.cell_pool(s, mod.nodes + mod.aux, chains[s.node]) if s.node in cells else None
+        if pool is None:
+            inject[s.node] = slots
+        else:
+            inject[pool.name] = activity.PooledTangent(slots, tuple(chains[s.node]))
     u = {q: activity.in_slots(ops, tangents[q], slot[activity.WEIGHTS], len(groups)) for q in plan.weight_perturbed}
     wanted = {n for s in plan.sites for layer in s.layers for n in (layer, *mod.node(layer).inputs)}
     wanted |= {n.name for chain in chains.values() for n in chain}
@@ -208,7 +214,8 @@ def run_program(ops: Ops, nodes: list[Node], input_name: str, x: Any, x_dot: Any
         else:
             y, yd, upd = RULES[node.op](ops, node, xs, xds, p, u, s, ctx)
         if inject and node.name in inject:
-            yd = add_opt(ops, yd, inject[node.name])
+            extra = inject[node.name]
+            yd = add_opt(ops, yd, extra.at(ops, xs[0]) if isinstance(extra, activity.PooledTangent) else extra)
         env[node.name] = (y, yd)
         new_stats.update({node.buffers[role]: v for role, v in upd.items()})
     if values is not None and wanted:
