@@ -230,8 +230,9 @@ def test_runtime_matches_the_oracle_step_for_step(artifacts: str, request: pytes
                 np.testing.assert_allclose(r.to_host(s), ref.stats[q].numpy(), rtol=0, atol=1e-6, err_msg=q)
 
 
-def test_validate_and_the_tensorrt_check_cover_the_role(mixed: tuple[Path, torch.nn.Module]):
-    art, _ = mixed
+@pytest.mark.parametrize("artifacts", ["mixed", "planned"])  # planned: a cell site and channel passes
+def test_validate_and_the_tensorrt_check_cover_the_role(artifacts: str, request: pytest.FixtureRequest):
+    art, _ = request.getfixturevalue(artifacts)
     report = validate_artifacts(art, batch_sizes=(1, 16))
     rows = [r for r in report.rows if r.role == c.ACTIVITY]
     assert len(rows) == 4 and all(r.status.startswith("pass") for r in rows), report.table()

@@ -35,6 +35,13 @@ moves only its own group's loss, so its G takes each group's d from that group a
 (``site_gradient`` with ``groups``): its noise spans one group's activations, not all of them.
 Other sites take the mean over the groups, the derivative of the whole local loss.
 
+**Cell tangents.** A site read only through a flat-sided activation, a tiled max-pool and a head's
+grid pooling has a local gradient that is constant over each grid cell's support: per sample and
+d, one number per cell. It is perturbed along cell-constant tangents (``cell_noise``: Hadamard rows
+times random signs, so E[ξξᵀ] = I, and exact when m is a multiple of the Hadamard order), each
+cell's estimate shared by the cell's support (``cell_gradient``); the tangent enters at the pool
+(``PooledTangent``).
+
 **Channel passes at a linear.** A feature-map site whose channels stay apart up to the linear that
 makes the logits (channelwise layers, then a flatten: the cnn's last block and its true loss) has
 the same freedom with one loss: a tangent pass per channel (ε on that channel alone) is an
