@@ -21,8 +21,8 @@ import typer
 from typer.testing import CliRunner
 
 from asyncfgd.app.cli import app
-from asyncfgd.app.training import checkpoint, learners, metrics
-from asyncfgd.app.training.artifact_cache import ExportOptions, cached_artifacts, export
+from asyncfgd.app.training import artifact_cache, checkpoint, learners, metrics
+from asyncfgd.app.training.artifact_cache import ExportOptions, cached_artifacts, export, source_digest
 from asyncfgd.app.training.config import TrainConfig
 from asyncfgd.app.training.data import BatchStream, load_dataset
 from asyncfgd.exporter.models import build_model
@@ -378,6 +378,21 @@ def test_export_cache_reuses_valid_entries_and_repairs_broken_ones(tmp_path: Pat
     (first / "module0.eval.onnx").write_bytes(b"garbage")
     assert cached_artifacts(_opts()) == first and (first / "manifest.json").stat().st_mtime_ns != mtime
     assert [p.name for p in tmp_path.iterdir()] == [first.name]
+
+
+def test_export_cache_key_follows_the_graph_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """An edit to the exporter or runtime re-exports even where the version number stays (editable
+    installs): the key holds a digest of their source, which any byte of any file changes."""
+    code = tmp_path / "code"
+    (code / "sub").mkdir(parents=True)
+    (code / "a.py").write_text("x = 1\n")
+    (code / "sub" / "b.py").write_text("y = 2\n")
+    before = source_digest([code])
+    (code / "sub" / "b.py").write_text("y = 3\n")
+    assert source_digest([code]) != before
+    key = _opts().key()
+    monkeypatch.setattr(artifact_cache, "graph_code_digest", lambda: "edited")
+    assert _opts().key() != key
 
 
 # --------------------------------------------------------------------------- defaults

@@ -5,7 +5,9 @@ directory. The key covers everything the graphs and initial weights depend on: m
 config, split (and the batch size it is balanced for), BatchNorm mode, tangents per pass, local
 heads and the local-activity graphs (with their per-layer choices), the dataset's shape and classes,
 the init seed (models draw their init from the global torch RNG), the bytes of a ``--weights`` file,
-the package version (a newer exporter may emit different graphs) and, for a ``--model
+the package version and a digest of the exporter's and runtime's source (a newer or edited
+exporter may emit different graphs; an editable install keeps its version number across edits)
+and, for a ``--model
 PATH.py:FACTORY``, the file's absolute path and bytes (not those of modules it imports), for
 ``--model torchvision:NAME`` torchvision's version. A directory is reused only if it loads and every
 graph still matches its checksum; otherwise it is exported again. Exports go to a temporary
@@ -14,6 +16,7 @@ behind.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -25,6 +28,8 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import asyncfgd.exporter
+import asyncfgd.runtime
 from asyncfgd.exporter.model_sources import source_key
 from asyncfgd.runtime.artifacts import ArtifactError, load_artifacts
 
@@ -51,15 +56,32 @@ class ExportOptions:
     balance_batch: int = 64  # the training batch an automatic split is balanced for
 
     def key(self) -> str:
-        """16 hex digits of sha256 over the options, the weights file's bytes and the package version."""
+        """16 hex digits of sha256 over the options, the weights file's bytes, the package version and
+        the graph code's source."""
         content = asdict(self)
         content["weights"] = _file_sha256(Path(self.weights)) if self.weights else None
         content["asyncfgd"] = version("asyncfgd")
+        content["graph_code"] = graph_code_digest()
         source = source_key(self.model)
         if source is not None:  # zoo models keep their keys
             content["model_source"] = source
         blob = json.dumps(content, sort_keys=True, default=list).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def source_digest(roots: list[Path]) -> str:
+    """sha256 over every ``.py`` file under ``roots``: relative names and bytes, in sorted order."""
+    h = hashlib.sha256()
+    for root in roots:
+        for f in sorted(root.rglob("*.py")):
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+@functools.cache
+def graph_code_digest() -> str:
+    """The source of the packages that write and define the graphs (exporter, runtime)."""
+    return source_digest([Path(asyncfgd.exporter.__file__).parent, Path(asyncfgd.runtime.__file__).parent])
 
 
 def _file_sha256(path: Path) -> str:
