@@ -61,7 +61,7 @@ import numpy as np
 from .program import ActivityPlan, Node, Site, readers
 from .rules.core import RuleContext
 from .rules.layers import bn_primal, channel_mean, conv_correlation
-from .rules.loss import cross_entropy
+from .rules.loss import cross_entropy, residual
 
 PERTURB_CHOICES = ("activity", "weight")
 #: the perturbation group of the weight-perturbed weights (the others are named by their site node)
@@ -244,17 +244,17 @@ def channel_d(ops: Any, xd: Any, weight: Any, z: Any, onehot: Any, channels: int
     Up to the linear, a tangent on one channel stays in that channel, so a pass per channel would
     give ż_c = W_c·ẋ_c at the logits, and d_c the loss's derivative along it; Σ_c d_c is the joint
     pass's d. The joint pass already holds every ẋ_c: the linear's tangent sum is split by the
-    channel each input came from. ``xd`` is the linear's input tangent along the site's own slots in
-    the rules' layout (N, m, C·hw), ``weight`` the linear's (K, C·hw), ``z`` the logits (N, K)."""
+    channel each input came from, and each share dotted with the loss's residual softmax(z) − Y.
+    ``xd`` is the linear's input tangent along the site's own slots in the rules' layout
+    (N, m, C·hw), ``weight`` the linear's (K, C·hw), ``z`` the logits (N, K)."""
     _, m, f = ops.shape(xd)
     k, hw = ops.shape(weight)[0], f // channels
     per_channel = ops.reshape(ops.transpose(ops.reshape(xd, [-1, m, channels, hw]), [2, 0, 1, 3]),
                               [channels, -1, hw])  # (C, N·m, hw)
     w = ops.transpose(ops.reshape(weight, [k, channels, hw]), [1, 2, 0])  # (C, hw, K)
     parts = ops.reshape(ops.matmul(per_channel, w), [channels, -1, m, k])  # (C, N, m, K)
-    zd = ops.reshape(ops.transpose(parts, [2, 1, 0, 3]), [m, -1, channels * k])
-    _, d = group_losses(ops, ops.concat([z] * channels, 1), zd, onehot, channels)
-    return d
+    d = ops.sum(ops.mul(parts, ops.reshape(residual(ops, z, onehot), [1, -1, 1, k])), [3], keepdims=False)
+    return ops.transpose(d, [2, 1, 0])  # (C, N, m) -> (m, N, C)
 
 
 def group_losses(ops: Any, z: Any, zd: Any, onehot: Any, groups: int) -> tuple[Any, Any]:
