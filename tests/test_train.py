@@ -148,8 +148,17 @@ def activity_art(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def activity_cnn_art(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cnn with local-activity graphs: block 1's conv takes cell tangents, block 2's channel passes."""
+    out = tmp_path_factory.mktemp("art") / "activity-cnn"
+    export(_opts(model="cnn", config={"channels": [4, 8]}, activity=True), out)
+    return out
+
+
 @pytest.mark.parametrize(("artifacts", "method"), [("art", "asyncfgd"), ("dropout_art", "asyncfgd"),
-                                                   ("activity_art", "local-activity")])
+                                                   ("activity_art", "local-activity"),
+                                                   ("activity_cnn_art", "local-activity")])
 def test_sigkill_mid_run_then_resume_is_bit_identical(artifacts: str, method: str, request: pytest.FixtureRequest,
                                                       tmp_path: Path):
     """kill -9 from outside as soon as the first checkpoint exists; the resumed run must repeat the
