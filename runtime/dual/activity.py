@@ -207,14 +207,22 @@ def site_groups(site: Site, nodes: list[Node], aux: list[Node]) -> int:
     if groups == 1:
         return 1
     fc = next(n for n in aux if n.op == "conv2d")
-    reads = readers(nodes + aux)
-    name = site.node
-    while name != fc.name:
+    if site.node == fc.name:
+        return groups
+    end = _past_channelwise(site.node, readers(nodes + aux))
+    return groups if end is not None and end.name == fc.name else 1
+
+
+def _past_channelwise(name: str, reads: Mapping[str, list[Node]]) -> Node | None:
+    """The first layer after ``name`` that is not channelwise, where one chain of sole readers leads
+    there; None where the path branches or ends first."""
+    while True:
         users = reads.get(name, [])
-        if len(users) != 1 or (users[0].name != fc.name and users[0].op not in _CHANNELWISE):
-            return 1
+        if len(users) != 1:
+            return None
+        if users[0].op not in _CHANNELWISE:
+            return users[0]
         name = users[0].name
-    return groups
 
 
 def channel_reader(site: Site, nodes: list[Node]) -> Node | None:
@@ -223,19 +231,11 @@ def channel_reader(site: Site, nodes: list[Node]) -> Node | None:
     if len(site.shape) != 3:
         return None
     reads = readers(nodes)
-    name = site.node
-    while True:
-        users = reads.get(name, [])
-        if len(users) != 1:
-            return None
-        user = users[0]
-        if user.op in ("flatten", "reshape") and len(user.shape) == 1:  # row-major: channel c's block
-            after = reads.get(user.name, [])
-            last = nodes[-1]
-            return last if len(after) == 1 and after[0].name == last.name and last.op == "linear" else None
-        if user.op not in _CHANNELWISE:
-            return None
-        name = user.name
+    flat = _past_channelwise(site.node, reads)
+    if flat is None or flat.op not in ("flatten", "reshape") or len(flat.shape) != 1:
+        return None  # a flatten (row-major) holds channel c's entries as one block
+    after, last = reads.get(flat.name, []), nodes[-1]
+    return last if len(after) == 1 and after[0].name == last.name and last.op == "linear" else None
 
 
 def channel_d(ops: Any, xd: Any, weight: Any, z: Any, onehot: Any, channels: int) -> Any:
